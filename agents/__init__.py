@@ -1,0 +1,1 @@
+"""Agent programs that run inside the emulated hosts."""

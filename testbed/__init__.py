@@ -1,0 +1,1 @@
+"""DualPath testbed: an emulated PD-disaggregated LLM serving cluster on one Linux machine."""

@@ -1,0 +1,98 @@
+"""Removing every trace of a fabric: ours by name, label or process marker, never guessed.
+
+The same routine ends a normal run and recovers from a crashed or killed one:
+  - the owner of a recorded fabric, if it still runs, is asked to stop and then killed;
+  - containers labelled dualpath.testbed;
+  - processes carrying HOST_MARKER in their environment (host shells and what they ran);
+  - root-namespace links and bridges whose names start with our bridge names.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+from pathlib import Path
+
+from pyroute2 import IPRoute
+from pyroute2.netlink.exceptions import NetlinkError
+
+from testbed.hosts import CONTAINER_LABEL, HOST_MARKER, remove_containers
+from testbed.plan import BRIDGES
+from testbed.state import FabricRecord, pid_alive, remove_record
+
+OWNER_STOP_SECONDS = 45
+
+
+def our_link_names(ipr: IPRoute) -> list[str]:
+    names = [link.get_attr("IFLA_IFNAME") for link in ipr.get_links()]
+    return [n for n in names if n and n.startswith(tuple(BRIDGES.values()))]
+
+
+def marked_processes() -> list[int]:
+    """Pids whose environment carries our host marker (not this process)."""
+    marker = HOST_MARKER.encode() + b"="
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            if marker in (entry / "environ").read_bytes():
+                found.append(int(entry.name))
+        except OSError:
+            continue   # exited meanwhile, or a kernel thread
+    return found
+
+
+def our_containers():
+    """Containers with our label, or [] when Docker is not running (then none can exist)."""
+    import docker
+    import docker.errors
+    try:
+        client = docker.from_env(timeout=60)
+        return client.containers.list(all=True, filters={"label": CONTAINER_LABEL})
+    except docker.errors.DockerException:
+        return []
+
+
+def stop_owner(record: FabricRecord) -> None:
+    if record.owner_pid == os.getpid() or not pid_alive(record.owner_pid):
+        return
+    os.kill(record.owner_pid, signal.SIGTERM)
+    deadline = time.monotonic() + OWNER_STOP_SECONDS
+    while pid_alive(record.owner_pid) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if pid_alive(record.owner_pid):
+        os.kill(record.owner_pid, signal.SIGKILL)
+
+
+def remove_leftovers(containers=None) -> dict[str, int]:
+    """Remove everything of ours; returns how many of each kind were found."""
+    record = FabricRecord.read()
+    if record:
+        stop_owner(record)
+    found = {"containers": 0, "processes": 0, "links": 0}
+
+    containers = our_containers() if containers is None else containers
+    found["containers"] = len(containers)
+    remove_containers(containers)
+
+    pids = marked_processes()
+    found["processes"] = len(pids)
+    for pid in pids:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+    with IPRoute() as ipr:
+        names = our_link_names(ipr)
+        found["links"] = len(names)
+        # Ports first, bridges last; deleting one veth end removes its peer too.
+        for name in sorted(names, key=lambda n: n in BRIDGES.values()):
+            try:
+                ipr.link("del", ifname=name)
+            except NetlinkError:
+                pass   # went with its peer
+    remove_record()
+    return found
