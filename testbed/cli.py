@@ -1,11 +1,34 @@
-"""The `testbed` command line."""
+"""The `testbed` command line: bring the emulated cluster up and down, look inside it, clean up."""
 
 from __future__ import annotations
 
 import argparse
+import os
+import signal
+import subprocess
 import sys
+import time
 
 from testbed.errors import TestbedError
+
+DETACH_TIMEOUT_SECONDS = 600
+
+
+class Stop(BaseException):
+    """SIGTERM or SIGHUP, raised where the process is, like KeyboardInterrupt for SIGINT."""
+
+
+_OWNER_PID = os.getpid()
+
+
+def _raise_stop(signum, _frame):
+    # Libraries fork helpers (pyroute2 makes one per namespace it enters) that inherit this
+    # handler; a helper told to stop must just exit, not tear down its parent's fabric.
+    if os.getpid() != _OWNER_PID:
+        os._exit(0)
+    if signum == signal.SIGINT:
+        raise KeyboardInterrupt
+    raise Stop(signal.Signals(signum).name)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -14,12 +37,177 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_topology_check(args: argparse.Namespace) -> int:
+    from testbed.plan import build_plan
+    from testbed.topology import load_topology
+    for path in args.topology:
+        topology = load_topology(path)
+        plan = build_plan(topology)
+        print(f"{path}: ok: {topology.prefill_nodes}P{topology.decode_nodes}D x "
+              f"{topology.gpus_per_node} GPUs, {len(plan.hosts)} hosts, backend "
+              f"{topology.backend}, scale {topology.scale:g}")
+    return 0
+
+
+def cmd_fabric_up(args: argparse.Namespace) -> int:
+    from testbed.fabric import Fabric
+    from testbed.plan import build_plan
+    from testbed.report import fabric_table
+    from testbed.state import FabricRecord
+    from testbed.topology import load_topology
+
+    overrides = {"backend": args.backend} if args.backend else {}
+    plan = build_plan(load_topology(args.topology, **overrides))
+    if args.detach:
+        return _detach(args)
+    # Teardown must run however this process is asked to stop. A detached owner leads its
+    # own session, so the first host pty it opens becomes its controlling terminal and
+    # sends it SIGHUP when that shell ends: there, SIGHUP means nothing.
+    signal.signal(signal.SIGINT, _raise_stop)
+    signal.signal(signal.SIGTERM, _raise_stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN if args.owner else _raise_stop)
+    fabric = Fabric(plan, os.path.abspath(args.topology))
+    hosts = len(plan.hosts)
+    print(f"bringing up {plan.topology.name}: {hosts} hosts on the {plan.topology.backend} "
+          f"backend ...", flush=True)
+    try:
+        fabric.up()
+        print(fabric_table(FabricRecord.read()), flush=True)
+        print(f"up in {fabric.up_seconds:.1f} s. Ctrl-C (or `testbed fabric down`) tears it "
+              f"down.", flush=True)
+        while True:
+            signal.pause()
+    except (KeyboardInterrupt, Stop) as stop:
+        reason = "Ctrl-C" if isinstance(stop, KeyboardInterrupt) else str(stop)
+        print(f"\nstopping ({reason}) ...", flush=True)
+    finally:
+        for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
+            signal.signal(sig, signal.SIG_IGN)   # let teardown finish
+        seconds = fabric.down()
+        print(f"torn down in {seconds:.1f} s", flush=True)
+    return 0
+
+
+def _detach(args: argparse.Namespace) -> int:
+    """Run the fabric's owner in its own session and return once the fabric is up."""
+    from testbed.report import fabric_table
+    from testbed.state import LOG_FILE, STATE_DIR, FabricRecord
+
+    STATE_DIR.mkdir(parents=True, exist_ok=True)
+    cmd = [sys.executable, "-m", "testbed", "fabric", "up", args.topology, "--owner"]
+    if args.backend:
+        cmd += ["--backend", args.backend]
+    with open(LOG_FILE, "w") as log:
+        owner = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
+                                 start_new_session=True)
+    deadline = time.monotonic() + DETACH_TIMEOUT_SECONDS
+    while time.monotonic() < deadline:
+        if owner.poll() is not None:
+            lines = LOG_FILE.read_text().strip().splitlines()
+            raise TestbedError(lines[-1].removeprefix("testbed: ") if lines
+                               else f"the fabric owner exited with {owner.returncode}")
+        record = FabricRecord.read()
+        if record and record.owner_pid == owner.pid and record.status == "up":
+            print(fabric_table(record))
+            print(f"up in {record.up_seconds:.1f} s, owned by pid {owner.pid} "
+                  f"(log: {LOG_FILE}). `testbed fabric down` tears it down.")
+            return 0
+        time.sleep(0.2)
+    os.kill(owner.pid, signal.SIGTERM)
+    raise TestbedError(f"the fabric did not come up within {DETACH_TIMEOUT_SECONDS} s; "
+                       f"see {LOG_FILE}")
+
+
+def _running_record():
+    from testbed.state import FabricRecord
+    record = FabricRecord.read()
+    if record is None or not record.owner_alive:
+        raise TestbedError("no fabric is up (start one with `testbed fabric up TOPOLOGY`)")
+    return record
+
+
+def cmd_fabric_status(args: argparse.Namespace) -> int:
+    from testbed.report import fabric_table
+    record = _running_record()
+    print(fabric_table(record))
+    print(f"{record.name}: {record.status}, {len(record.hosts)} hosts, owned by pid "
+          f"{record.owner_pid}")
+    return 0
+
+
+def cmd_fabric_exec(args: argparse.Namespace) -> int:
+    from testbed.hosts import HOST_MARKER
+    record = _running_record()
+    host = record.host(args.host)
+    if host is None:
+        names = ", ".join(h.name for h in record.hosts)
+        raise TestbedError(f"no host {args.host!r} in {record.name}; hosts: {names}")
+    if not args.cmd:
+        raise TestbedError("no command given: testbed fabric exec HOST -- CMD ...")
+    # mnexec -a enters the host's network (and, for a container, mount) namespace.
+    os.chdir("/")
+    os.execvp("mnexec", ["mnexec", "-a", str(host.pid), "env",
+                         f"{HOST_MARKER}={host.name}", *args.cmd])
+
+
+def cmd_fabric_down(args: argparse.Namespace) -> int:
+    from testbed import cleanup
+    from testbed.state import FabricRecord
+    record = FabricRecord.read()
+    if record is None or not record.owner_alive:
+        print("no fabric is up; removing any leftovers")
+    else:
+        print(f"stopping {record.name} (owner pid {record.owner_pid}) ...", flush=True)
+    started = time.monotonic()
+    cleanup.remove_leftovers()
+    print(f"down in {time.monotonic() - started:.1f} s")
+    return 0
+
+
+def cmd_clean(args: argparse.Namespace) -> int:
+    from testbed import cleanup
+    found = cleanup.remove_leftovers()
+    if any(found.values()):
+        print("removed " + ", ".join(f"{n} {kind}" for kind, n in found.items()))
+    else:
+        print("nothing to clean")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="testbed", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    fabric = sub.add_parser("fabric", help="the emulated cluster network").add_subparsers(
+        dest="fabric_command", required=True, metavar="ACTION")
+    up = fabric.add_parser("up", help="bring a topology up; stays up until Ctrl-C")
+    up.add_argument("topology", help="topology file, e.g. topologies/1p1d.yaml")
+    up.add_argument("--backend", choices=["docker", "netns"],
+                    help="override the topology's host backend")
+    up.add_argument("--detach", action="store_true",
+                    help="return once the fabric is up and leave it running")
+    up.add_argument("--owner", action="store_true", help=argparse.SUPPRESS)  # detached owner
+    up.set_defaults(func=cmd_fabric_up)
+    fabric.add_parser("status", help="show the running fabric").set_defaults(
+        func=cmd_fabric_status)
+    run = fabric.add_parser("exec", help="run a command inside one host: exec HOST -- CMD ...")
+    run.add_argument("host")
+    run.add_argument("cmd", nargs=argparse.REMAINDER)
+    run.set_defaults(func=cmd_fabric_exec)
+    fabric.add_parser("down", help="tear the running fabric down").set_defaults(
+        func=cmd_fabric_down)
+
+    topology = sub.add_parser("topology", help="topology files").add_subparsers(
+        dest="topology_command", required=True, metavar="ACTION")
+    check = topology.add_parser("check", help="validate topology files")
+    check.add_argument("topology", nargs="+")
+    check.set_defaults(func=cmd_topology_check)
+
+    sub.add_parser("clean", help="remove every leftover of earlier runs").set_defaults(
+        func=cmd_clean)
 
     image = sub.add_parser("image", help="the agent container image").add_subparsers(
-        dest="image_command", required=True)
+        dest="image_command", required=True, metavar="ACTION")
     build = image.add_parser("build", help="build the agent image if it is missing or stale")
     build.add_argument("--force", action="store_true", help="rebuild even if present")
     build.set_defaults(func=cmd_image_build)
@@ -28,6 +216,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    if getattr(args, "cmd", None) and args.cmd[0] == "--":
+        args.cmd = args.cmd[1:]
     try:
         return args.func(args)
     except TestbedError as exc:

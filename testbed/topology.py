@@ -7,6 +7,8 @@ the field, the bad value and what was expected.
 
 from __future__ import annotations
 
+import difflib
+import re
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -50,7 +52,8 @@ class QosShares(Spec):
     @model_validator(mode="after")
     def shares_fit_the_link(self) -> "QosShares":
         if self.high + self.low > 1.0 + 1e-9:
-            raise ValueError(f"expected high + low <= 1, got {self.high} + {self.low}")
+            raise ValueError(f"got high {self.high:g} + low {self.low:g} = "
+                             f"{self.high + self.low:g}, expected high + low <= 1")
         return self
 
 
@@ -68,8 +71,9 @@ class Topology(Spec):
     @model_validator(mode="after")
     def fits_the_machine(self) -> "Topology":
         if self.prefill_nodes + self.decode_nodes > MAX_NODES:
-            raise ValueError(f"expected at most {MAX_NODES} nodes in all, got "
-                             f"{self.prefill_nodes + self.decode_nodes}")
+            raise ValueError(f"prefill_nodes + decode_nodes: got {self.prefill_nodes} + "
+                             f"{self.decode_nodes} = {self.nodes}, expected at most "
+                             f"{MAX_NODES} nodes in all")
         rates = {f"links.{nic}": getattr(self.links, nic) for nic in ("cnic", "snic", "pcie")}
         rates["storage.link"] = self.storage.link
         for field, real in rates.items():
@@ -89,22 +93,91 @@ class Topology(Spec):
         return self.prefill_nodes + self.decode_nodes
 
 
+# A cross-field check names its own field(s): "links.cnic: ..." or "a + b: ...".
+_FIELD_PREFIX = re.compile(r"^([a-z_]+(?:\.[a-z_]+)*(?: \+ [a-z_]+(?:\.[a-z_]+)*)*): (.*)$")
+
+
+def _show(value: Any) -> str:
+    shown = repr(value)
+    return shown if len(shown) <= 60 else shown[:57] + "..."
+
+
+def _known_fields(loc: tuple) -> list[str]:
+    """The field names allowed where `loc` points (for 'did you mean')."""
+    model: Any = Topology
+    for part in loc[:-1]:
+        field = getattr(model, "model_fields", {}).get(part)
+        model = field.annotation if field else None
+    return list(getattr(model, "model_fields", {}))
+
+
 def _describe_error(error: dict[str, Any]) -> str:
-    field = ".".join(str(part) for part in error["loc"]) or "(top level)"
+    loc = tuple(error["loc"])
+    field = ".".join(str(part) for part in loc) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
+    value = error.get("input")
     if error["type"] == "missing":
         return f"{field}: missing, expected this field to be set"
     if error["type"] == "extra_forbidden":
-        return f"{field}: got {error['input']!r}, expected no such field (is it misspelt?)"
+        close = difflib.get_close_matches(str(loc[-1]), _known_fields(loc), n=1)
+        hint = f"did you mean {close[0]!r}?" if close else "is it misspelt?"
+        return f"{field}: got {_show(value)}, expected no such field ({hint})"
     if message.startswith("Input should be "):
         message = "expected " + message.removeprefix("Input should be ")
-    elif message.startswith("String should match pattern"):
+    if message.startswith("expected a valid dictionary or instance of "):
+        message = "expected a mapping of its fields"
+    if message.startswith("String should match pattern"):
         message = "expected lowercase letters, digits and '-', at most 32 characters"
-    if field == "(top level)" and ": " in message and message.split(": ", 1)[0].count(".") == 1:
-        field, message = message.split(": ", 1)   # a cross-field check names its own field
-    value = error.get("input")
-    shown = "" if isinstance(value, dict) else f"got {value!r}, "
+    prefixed = _FIELD_PREFIX.match(message) if error["type"] == "value_error" else None
+    if prefixed:
+        named, message = prefixed.groups()
+        field = named if not loc else f"{field}.{named}"
+    # A model-level check (its input is the whole mapping) puts the bad values in its message.
+    model_level = error["type"] == "value_error" and isinstance(value, dict)
+    shown = "" if model_level else f"got {_show(value)}, "
     return f"{field}: {shown}{message}"
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """A safe loader that refuses a key given twice (PyYAML would keep the last silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: set = set()
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":   # '<<: *anchor' may be overridden
+                continue
+            key = self.construct_object(key_node, deep=deep)
+            try:
+                again = key in seen
+            except TypeError:     # unhashable: the base constructor reports it
+                continue
+            if again:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"got {key!r} a second time, expected each key once",
+                    key_node.start_mark)
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+_UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG,
+                                 _UniqueKeyLoader.construct_mapping)
+
+
+def _describe_yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
+    mark = getattr(exc, "problem_mark", None)
+    where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    lines = text.splitlines()
+    line = lines[mark.line].strip() if mark and mark.line < len(lines) else ""
+    context, context_mark = getattr(exc, "context", None), getattr(exc, "context_mark", None)
+    if not line and context and context_mark and context_mark.line < len(lines):
+        # e.g. an unclosed quote: the problem is at the end, the cause where it started
+        problem += f" {context} from line {context_mark.line + 1}"
+        line = lines[context_mark.line].strip()
+    word = "in" if re.search(r"\bgot\b", problem) else "got"
+    got = f", {word} {_show(line)}" if line else ""
+    expected = "" if re.search(r"\bexpected\b", problem) else ", expected well-formed YAML"
+    return f"{path}{where}: invalid YAML: {problem}{got}{expected}"
 
 
 def load_topology(path: str | Path, **overrides: Any) -> Topology:
@@ -113,22 +186,29 @@ def load_topology(path: str | Path, **overrides: Any) -> Topology:
     try:
         text = path.read_text()
     except OSError as exc:
-        raise TestbedError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        raise TestbedError(f"{path}: cannot read ({exc.strerror or exc}), expected a readable "
+                           "topology file") from None
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
-        raise TestbedError(f"{path}{where}: invalid YAML: {problem}") from None
+        raise TestbedError(_describe_yaml_error(path, text, exc)) from None
+    if data is None:
+        raise TestbedError(f"{path}: (top level): got an empty file, expected a mapping of "
+                           "topology fields (prefill_nodes, decode_nodes, ...)")
     if not isinstance(data, dict):
-        raise TestbedError(f"{path}: (top level): got {type(data).__name__} {data!r:.40}, "
+        raise TestbedError(f"{path}: (top level): got {type(data).__name__} {_show(data)}, "
                            "expected a mapping of topology fields")
+    named_by_file = "name" not in data and "name" not in overrides
     data.setdefault("name", path.stem)
     data.update(overrides)
     try:
         return Topology.model_validate(data)
     except ValidationError as exc:
         errors = exc.errors()
+        # A misspelt field also makes the real one "missing": name the misspelling first.
+        errors.sort(key=lambda error: error["type"] != "extra_forbidden")
         more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise TestbedError(f"{path}: {_describe_error(errors[0])}{more}") from None
+        message = _describe_error(errors[0])
+        if named_by_file and tuple(errors[0]["loc"]) == ("name",):
+            message += " (the name defaults to the file name; set name: to override it)"
+        raise TestbedError(f"{path}: {message}{more}") from None
