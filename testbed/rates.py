@@ -16,10 +16,10 @@ def parse_rate(text: object) -> int:
     match = _RATE.match(text)
     if not match or match.group(2).lower() not in UNITS:
         raise ValueError(f"expected {EXPECTED}")
-    bits = float(match.group(1)) * UNITS[match.group(2).lower()]
-    if bits <= 0:
-        raise ValueError(f"expected a positive rate, {EXPECTED}")
-    return int(bits)
+    bits = round(float(match.group(1)) * UNITS[match.group(2).lower()])
+    if bits < 1:
+        raise ValueError(f"expected a positive rate of at least 1bit, {EXPECTED}")
+    return bits
 
 
 def format_rate(bits_per_second: float) -> str:

@@ -1,8 +1,10 @@
 """testbed.topology: shipped topology files load; malformed ones fail with one good line.
 
-The malformed files go through the real CLI (`python -m testbed topology check FILE`) in a
-subprocess, so what is checked is exactly what a user sees: exit code 2, nothing on
-stdout, and one stderr line naming the file, the field, the bad value and what was expected.
+Each kind of malformed file goes through the real CLI (`python -m testbed topology check
+FILE`) in a subprocess, so what is checked is exactly what a user sees: exit code 2, nothing
+on stdout, and one stderr line naming the file, the field, the bad value and what was
+expected. Further variants of a kind are checked in-process (via="load"), which is much
+quicker; test_in_process_error_is_the_same_line shows the CLI prints exactly that message.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ DELETE = object()
 
 
 def spec(**changes: Any) -> str:
-    """GOOD as YAML, with dotted fields ('links__cnic') changed, added or (DELETE) removed."""
+    """GOOD as YAML, with fields ('links__cnic' for links.cnic) changed, added or DELETEd."""
     data = copy.deepcopy(GOOD)
     for dotted, value in changes.items():
         *parents, last = dotted.split("__")
@@ -53,19 +55,31 @@ def spec(**changes: Any) -> str:
 
 
 def check(*paths: Path) -> subprocess.CompletedProcess[str]:
+    """`testbed topology check PATH...`, the real CLI in a subprocess."""
     return subprocess.run([sys.executable, "-m", "testbed", "topology", "check",
                            *map(str, paths)],
                           cwd=REPO, capture_output=True, text=True, timeout=60)
 
 
-def one_error_line(result: subprocess.CompletedProcess[str], path: Path) -> str:
-    """The assertions every malformed file shares; returns the message after the path."""
-    assert "Traceback" not in result.stderr
-    assert result.returncode == 2, result.stderr
-    assert result.stdout == ""
-    lines = result.stderr.splitlines()
-    assert len(lines) == 1, result.stderr
-    assert result.stderr == lines[0] + "\n"
+def one_error_line(path: Path, via: str = "cli") -> str:
+    """Check `path`, expecting it refused with one good line; return the text after the path.
+
+    via="cli" runs the real CLI in a subprocess; via="load" calls load_topology in-process
+    and takes the line the CLI prints for that error.
+    """
+    if via == "cli":
+        result = check(path)
+        assert "Traceback" not in result.stderr
+        assert result.returncode == 2, result.stderr
+        assert result.stdout == ""
+        stderr = result.stderr
+    else:
+        with pytest.raises(errors.TestbedError) as info:
+            load_topology(path)
+        stderr = f"testbed: {info.value}\n"
+    lines = stderr.splitlines()
+    assert len(lines) == 1, stderr
+    assert stderr == lines[0] + "\n"
     line = lines[0]
     assert line.startswith(f"testbed: {path}"), line
     assert re.search(r"\bexpected\b", line), line
@@ -100,18 +114,17 @@ def test_shipped_topology_loads(path: Path) -> None:
 
 @pytest.mark.parametrize("name, prefill, decode, gpus, storage, backend", [
     ("1p1d", 1, 1, 4, 2, "docker"),
-    ("1p2d", 1, 2, 4, None, "docker"),
-    ("2p1d", 2, 1, 4, None, "docker"),
+    ("1p2d", 1, 2, 4, 2, "docker"),
+    ("2p1d", 2, 1, 4, 2, "docker"),
     ("2p4d", 2, 4, 8, 4, "docker"),
     ("mini", 1, 1, 1, 1, "netns"),
 ])
 def test_shipped_topology_shapes(name: str, prefill: int, decode: int, gpus: int,
-                                 storage: int | None, backend: str) -> None:
+                                 storage: int, backend: str) -> None:
     topology = load_topology(REPO / "topologies" / f"{name}.yaml")
     assert (topology.prefill_nodes, topology.decode_nodes) == (prefill, decode)
     assert topology.gpus_per_node == gpus
-    if storage is not None:
-        assert topology.storage.hosts == storage
+    assert topology.storage.hosts == storage
     assert topology.backend == backend
 
 
@@ -153,7 +166,7 @@ def test_name_defaults_to_file_stem_and_can_be_set(tmp_path: Path) -> None:
 
 
 def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
-    """The duplicate-key check must not refuse '<<: *anchor' followed by an override."""
+    """The duplicate-key check must not refuse '<<: ...' followed by an override."""
     path = tmp_path / "merge.yaml"
     path.write_text(spec(links=DELETE) + "links:\n"
                     "  <<: {cnic: 400Gbit, snic: 400Gbit, pcie: 800Gbit}\n"
@@ -165,105 +178,117 @@ def test_yaml_merge_keys_still_work(tmp_path: Path) -> None:
 
 # ---------------------------------------------------------------------- malformed files
 
-# (id, file name, content, field path named in the message, bad value shown in it)
+# (id, file name, content, field path the message names, bad value it shows, via)
 FIELD_ERRORS = [
     ("top-level-list", "list.yaml", "- prefill_nodes\n- decode_nodes\n",
-     "(top level)", "['prefill_nodes', 'decode_nodes']"),
+     "(top level)", "['prefill_nodes', 'decode_nodes']", "cli"),
     ("top-level-scalar", "scalar.yaml", "just some text\n",
-     "(top level)", "'just some text'"),
+     "(top level)", "'just some text'", "load"),
     ("misspelt-field", "misspelt.yaml",
      spec(gpus_per_node=DELETE).replace("decode_nodes: 1\n", "decode_nodes: 1\ngpu_per_node: 4\n"),
-     "gpu_per_node", "4"),
-    ("unknown-nested-field", "nested.yaml", spec(links__cnics="400Gbit"),
-     "links.cnics", "'400Gbit'"),
-    ("wrong-type", "wrongtype.yaml", spec(gpus_per_node="four"), "gpus_per_node", "'four'"),
-    ("bool-for-count", "boolcount.yaml", spec(gpus_per_node=True), "gpus_per_node", "True"),
+     "gpu_per_node", "4", "cli"),
+    ("unknown-field", "unknown.yaml", spec(colour="blue"), "colour", "'blue'", "load"),
+    ("unknown-nested-field", "nested.yaml", spec(links__nvlink="900Gbit"),
+     "links.nvlink", "'900Gbit'", "load"),
+    ("wrong-type", "wrongtype.yaml", spec(gpus_per_node="four"), "gpus_per_node", "'four'",
+     "cli"),
+    ("bool-for-count", "boolcount.yaml", spec(gpus_per_node=True), "gpus_per_node", "True",
+     "load"),
+    ("float-for-count", "floatcount.yaml", spec(storage__hosts=2.5), "storage.hosts", "2.5",
+     "load"),
     ("mapping-for-count", "dictcount.yaml", spec(gpus_per_node={"a": 1}),
-     "gpus_per_node", "{'a': 1}"),
-    ("scalar-for-mapping", "scalarmap.yaml", spec(storage="big"), "storage", "'big'"),
-    ("bad-rate-unit", "badunit.yaml", spec(links__cnic="400Gbs"), "links.cnic", "'400Gbs'"),
-    ("rate-without-unit", "nounit.yaml", spec(storage__link=400), "storage.link", "400"),
-    ("zero-count", "zero.yaml", spec(prefill_nodes=0), "prefill_nodes", "0"),
-    ("negative-count", "negative.yaml", spec(storage__hosts=-3), "storage.hosts", "-3"),
-    ("too-many-gpus", "gpus.yaml", spec(gpus_per_node=17), "gpus_per_node", "17"),
+     "gpus_per_node", "{'a': 1}", "load"),
+    ("scalar-for-mapping", "scalarmap.yaml", spec(storage="big"), "storage", "'big'", "load"),
+    ("bad-rate-unit", "badunit.yaml", spec(links__cnic="400Gbs"), "links.cnic", "'400Gbs'",
+     "cli"),
+    ("rate-without-unit", "nounit.yaml", spec(storage__link=400), "storage.link", "400",
+     "load"),
+    ("zero-count", "zero.yaml", spec(prefill_nodes=0), "prefill_nodes", "0", "cli"),
+    ("negative-count", "negative.yaml", spec(storage__hosts=-3), "storage.hosts", "-3", "load"),
+    ("too-many-gpus", "gpus.yaml", spec(gpus_per_node=17), "gpus_per_node", "17", "load"),
     ("too-many-nodes", "nodes.yaml", spec(prefill_nodes=100, decode_nodes=21),
-     "prefill_nodes + decode_nodes", "121"),
-    ("qos-sum-above-one", "qos.yaml", spec(qos__low=0.5), "qos", "0.99 + low 0.5"),
-    ("qos-share-out-of-range", "qosone.yaml", spec(qos__high=1.5), "qos.high", "1.5"),
-    ("unknown-backend", "backend.yaml", spec(backend="mininet"), "backend", "'mininet'"),
-    ("scaled-rate-too-high", "scale.yaml", spec(scale=1), "links.cnic", "400Gbit"),
-    ("scaled-rate-too-low", "slow.yaml", spec(storage__link="1Gbit"), "storage.link", "1Gbit"),
-    ("scale-below-one", "scalezero.yaml", spec(scale=0), "scale", "0"),
-    ("bad-name", "named.yaml", spec(name="Big Cluster"), "name", "'Big Cluster'"),
+     "prefill_nodes + decode_nodes", "121", "load"),
+    ("qos-sum-above-one", "qos.yaml", spec(qos__low=0.5), "qos", "high 0.99 + low 0.5", "cli"),
+    ("qos-share-out-of-range", "qosone.yaml", spec(qos__high=1.5), "qos.high", "1.5", "load"),
+    ("unknown-backend", "backend.yaml", spec(backend="mininet"), "backend", "'mininet'", "cli"),
+    ("scaled-rate-too-high", "scale.yaml", spec(scale=1), "links.cnic", "400Gbit", "cli"),
+    ("scaled-rate-too-low", "slow.yaml", spec(storage__link="1Gbit"), "storage.link", "1Gbit",
+     "load"),
+    ("scale-below-one", "scalezero.yaml", spec(scale=0), "scale", "0", "load"),
+    ("bad-name", "named.yaml", spec(name="Big Cluster"), "name", "'Big Cluster'", "load"),
 ]
 
 
-@pytest.mark.parametrize("filename, content, field, value",
+@pytest.mark.parametrize("filename, content, field, value, via",
                          [case[1:] for case in FIELD_ERRORS],
                          ids=[case[0] for case in FIELD_ERRORS])
 def test_malformed_field(tmp_path: Path, filename: str, content: str, field: str,
-                         value: str) -> None:
+                         value: str, via: str) -> None:
     path = tmp_path / filename
     path.write_text(content)
-    rest = one_error_line(check(path), path)
+    rest = one_error_line(path, via)
     assert rest.startswith(f": {field}: "), rest
     assert value in rest, rest
 
 
-@pytest.mark.parametrize("content, field", [
-    (spec(links__snic=DELETE), "links.snic"),
-    (spec(storage=DELETE), "storage"),
-    (spec(prefill_nodes=DELETE), "prefill_nodes"),
+@pytest.mark.parametrize("content, field, via", [
+    (spec(links__snic=DELETE), "links.snic", "cli"),
+    (spec(storage=DELETE), "storage", "load"),
+    (spec(prefill_nodes=DELETE), "prefill_nodes", "load"),
 ], ids=["nested", "section", "top-level"])
-def test_missing_field(tmp_path: Path, content: str, field: str) -> None:
+def test_missing_field(tmp_path: Path, content: str, field: str, via: str) -> None:
     path = tmp_path / "missing.yaml"
     path.write_text(content)
-    rest = one_error_line(check(path), path)
+    rest = one_error_line(path, via)
     assert rest.startswith(f": {field}: missing"), rest
 
 
 def test_misspelt_field_suggests_the_right_one(tmp_path: Path) -> None:
     path = tmp_path / "typo.yaml"
     path.write_text(spec(links__snic=DELETE, links__sncc="400Gbit"))
-    rest = one_error_line(check(path), path)
+    rest = one_error_line(path, "load")
+    # the misspelling is reported, not the "missing" field it leaves behind
     assert rest.startswith(": links.sncc: got '400Gbit'"), rest
-    assert "'snic'" in rest        # did you mean
+    assert "'snic'" in rest
 
 
-def test_scaled_rate_message_names_the_scale(tmp_path: Path) -> None:
+def test_scaled_rate_message_names_the_scale_and_range(tmp_path: Path) -> None:
     path = tmp_path / "scale.yaml"
     path.write_text(spec(scale=1))
-    rest = one_error_line(check(path), path)
+    rest = one_error_line(path, "load")
     assert "scale 1" in rest and "1Mbit" in rest and "10Gbit" in rest, rest
 
 
-@pytest.mark.parametrize("content, line_column, value", [
-    ("prefill_nodes: 1\n\tdecode_nodes: 1\n", "2:1", "'decode_nodes: 1'"),
-    ("prefill_nodes: 1\ndecode_nodes: [1\n", r"\d+:\d+", "'decode_nodes: [1'"),
-    ("prefill_nodes: 1\nlinks:\n  cnic: 400Gbit\n snic: 400Gbit\n", "4:2", "'snic: 400Gbit'"),
-    ('name: "unterminated\n', r"\d+:\d+", "'name: \"unterminated'"),
-    ("links:\n  cnic: 400Gbit\n  cnic: 40Gbit\n", "3:3", "'cnic'"),
+@pytest.mark.parametrize("content, line_column, value, via", [
+    ("prefill_nodes: 1\n\tdecode_nodes: 1\n", "2:1", "'decode_nodes: 1'", "cli"),
+    ("prefill_nodes: 1\ndecode_nodes: [1\n", r"\d+:\d+", "'decode_nodes: [1'", "load"),
+    ("prefill_nodes: 1\nlinks:\n  cnic: 400Gbit\n snic: 400Gbit\n", "4:2", "'snic: 400Gbit'",
+     "load"),
+    ('name: "unterminated\n', r"\d+:\d+", "'name: \"unterminated'", "load"),
+    ("links:\n  cnic: 400Gbit\n  cnic: 40Gbit\n", "3:3", "'cnic'", "load"),
 ], ids=["tab", "unclosed-bracket", "bad-indent", "unclosed-quote", "duplicate-key"])
-def test_yaml_syntax_error(tmp_path: Path, content: str, line_column: str, value: str) -> None:
+def test_yaml_syntax_error(tmp_path: Path, content: str, line_column: str, value: str,
+                           via: str) -> None:
     path = tmp_path / "syntax.yaml"
     path.write_text(content)
-    rest = one_error_line(check(path), path)
+    rest = one_error_line(path, via)
     assert re.match(rf":{line_column}: invalid YAML: ", rest), rest
     assert value in rest, rest
 
 
-@pytest.mark.parametrize("content", ["", "\n", "# only a comment\n"],
+@pytest.mark.parametrize("content, via", [("", "cli"), ("\n", "load"),
+                                          ("# only a comment\n", "load")],
                          ids=["empty", "blank", "comment"])
-def test_empty_file(tmp_path: Path, content: str) -> None:
+def test_empty_file(tmp_path: Path, content: str, via: str) -> None:
     path = tmp_path / "empty.yaml"
     path.write_text(content)
-    rest = one_error_line(check(path), path)
+    rest = one_error_line(path, via)
     assert rest.startswith(": (top level): got an empty file"), rest
 
 
 def test_file_that_does_not_exist(tmp_path: Path) -> None:
     path = tmp_path / "nowhere.yaml"
-    rest = one_error_line(check(path), path)
+    rest = one_error_line(path)
     assert rest.startswith(": cannot read"), rest
     assert "No such file" in rest
 
@@ -271,7 +296,7 @@ def test_file_that_does_not_exist(tmp_path: Path) -> None:
 def test_name_from_file_name_says_so(tmp_path: Path) -> None:
     path = tmp_path / "my_cluster.yaml"          # '_' is not allowed in a name
     path.write_text(spec())
-    rest = one_error_line(check(path), path)
+    rest = one_error_line(path, "load")
     assert rest.startswith(": name: got 'my_cluster'"), rest
     assert "file name" in rest
 
