@@ -1,0 +1,63 @@
+"""Integration tests: real namespaces, veth pairs, HTB qdiscs and Docker containers, as root."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from testbed.fabric import Fabric
+from testbed.plan import build_plan
+from testbed.topology import Topology, load_topology
+from tests.integration.leftovers import find_leftovers
+
+REPO = Path(__file__).resolve().parents[2]
+TOPOLOGIES = REPO / "topologies"
+
+
+def pytest_collection_modifyitems(items):
+    if os.geteuid() != 0:
+        raise pytest.UsageError("the integration tests need root: run `make test` as root")
+
+
+def topology(name: str, **overrides) -> Topology:
+    return load_topology(TOPOLOGIES / f"{name}.yaml", **overrides)
+
+
+def custom_topology(rate_bits: int, **links) -> Topology:
+    """A 1P1D topology whose links run at `rate_bits` (scaled) unless given in `links`."""
+    scale = 1000
+    real = {nic: f"{links.get(nic, rate_bits) * scale}bit"
+            for nic in ("cnic", "snic", "pcie", "storage")}
+    return Topology.model_validate(dict(
+        name="fidelity", prefill_nodes=1, decode_nodes=1, gpus_per_node=1,
+        links=dict(cnic=real["cnic"], snic=real["snic"], pcie=real["pcie"]),
+        storage=dict(hosts=1, link=real["storage"]), scale=scale, backend="netns"))
+
+
+class RunningFabric:
+    """A fabric for one test module, torn down whatever happens."""
+
+    def __init__(self, topo: Topology):
+        self.fabric = Fabric(build_plan(topo))
+
+    def __enter__(self) -> Fabric:
+        self.fabric.up()
+        return self.fabric
+
+    def __exit__(self, *exc) -> None:
+        self.fabric.down()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def nothing_left_behind():
+    """After the whole session: no namespace, link, bridge, container or process of ours."""
+    yield
+    assert find_leftovers() == {}, "the test session left emulation pieces behind"
+
+
+@pytest.fixture(scope="module")
+def docker_1p1d():
+    with RunningFabric(topology("1p1d", backend="docker")) as fabric:
+        yield fabric
