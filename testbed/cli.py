@@ -50,7 +50,7 @@ def cmd_topology_check(args: argparse.Namespace) -> int:
 
 
 def cmd_fabric_up(args: argparse.Namespace) -> int:
-    from testbed.fabric import Fabric
+    from testbed.fabric import Fabric, refuse_if_running
     from testbed.plan import build_plan
     from testbed.report import fabric_table
     from testbed.state import FabricRecord
@@ -59,6 +59,7 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
     overrides = {"backend": args.backend} if args.backend else {}
     plan = build_plan(load_topology(args.topology, **overrides))
     if args.detach:
+        refuse_if_running()
         return _detach(args)
     # Teardown must run however this process is asked to stop. A detached owner leads its
     # own session, so the first host pty it opens becomes its controlling terminal and
@@ -83,8 +84,9 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)   # let teardown finish
-        seconds = fabric.down()
-        print(f"torn down in {seconds:.1f} s", flush=True)
+        fabric.down()   # a no-op if up() already tore down after a failure
+        if fabric.down_seconds is not None:
+            print(f"torn down in {fabric.down_seconds:.1f} s", flush=True)
     return 0
 
 

@@ -49,6 +49,13 @@ def preflight(backend: str) -> None:
             knob.write_text("0")
 
 
+def refuse_if_running() -> None:
+    record = FabricRecord.read()
+    if record and record.owner_alive:
+        raise TestbedError(f"a fabric ({record.name}) is already up, owned by pid "
+                           f"{record.owner_pid}: `testbed fabric down` first")
+
+
 class Fabric:
     def __init__(self, plan: ClusterPlan, topology_path: str = ""):
         self.plan = plan
@@ -57,6 +64,8 @@ class Fabric:
         self.nodes: dict[str, NetnsHost] = {}
         self.containers = []
         self.up_seconds: float | None = None
+        self.down_seconds: float | None = None
+        self.claimed = False    # set once this fabric owns the machine's fabric record
 
     @property
     def backend(self) -> str:
@@ -67,13 +76,11 @@ class Fabric:
         """Build everything; on any failure or interrupt, tear down what was built."""
         started = time.monotonic()
         preflight(self.backend)
-        record = FabricRecord.read()
-        if record and record.owner_alive:
-            raise TestbedError(f"a fabric ({record.name}) is already up, owned by pid "
-                               f"{record.owner_pid}: `testbed fabric down` first")
-        cleanup.remove_leftovers()          # stale pieces of a run that died
-        self._record("starting").write()
+        refuse_if_running()
+        self.claimed = True
         try:
+            cleanup.remove_leftovers()          # stale pieces of a run that died
+            self._record("starting").write()
             setLogLevel("warning")
             self.net = Mininet(topo=None, controller=None, switch=FabricBridge, build=False,
                                ipBase=str(NETWORKS["compute"]))
@@ -133,8 +140,11 @@ class Fabric:
                     qos.shape(ipr, intf.name, intf.rate, shares if intf.prioritized else None)
 
     # -- tear down ------------------------------------------------------------------------
-    def down(self) -> float:
-        """Remove everything this fabric made. Safe to call twice; returns seconds taken."""
+    def down(self) -> float | None:
+        """Remove everything this fabric made; seconds taken, or None if it made nothing.
+        Safe to call twice."""
+        if not self.claimed:
+            return None
         started = time.monotonic()
         for node in self.nodes.values():
             node.terminate()
@@ -143,7 +153,9 @@ class Fabric:
         self.containers = []
         cleanup.remove_leftovers(containers=[])
         self.net = None
-        return time.monotonic() - started
+        self.claimed = False
+        self.down_seconds = time.monotonic() - started
+        return self.down_seconds
 
     # -- inspection -----------------------------------------------------------------------
     def node(self, name: str) -> NetnsHost:

@@ -1,0 +1,99 @@
+"""Teardown: a fabric stopped by Ctrl-C, SIGTERM or `fabric down` leaves nothing behind, and
+`testbed clean` removes what a SIGKILLed owner could not."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from testbed.state import FabricRecord
+from tests.integration.conftest import REPO, TOPOLOGIES
+from tests.integration.leftovers import find_leftovers
+
+UP_TIMEOUT = 180
+
+
+def run_testbed(*args: str, **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "testbed", *args], cwd=REPO,
+                          capture_output=True, text=True, timeout=UP_TIMEOUT, **kwargs)
+
+
+def start_foreground(topology: str, backend: str) -> subprocess.Popen:
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testbed", "fabric", "up", str(TOPOLOGIES / topology),
+         "--backend", backend], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        text=True)
+    deadline = time.monotonic() + UP_TIMEOUT
+    while time.monotonic() < deadline:
+        record = FabricRecord.read()
+        if record and record.owner_pid == proc.pid and record.status == "up":
+            return proc
+        assert proc.poll() is None, f"fabric up exited early: {proc.stdout.read()}"
+        time.sleep(0.2)
+    proc.kill()
+    pytest.fail("the fabric did not come up")
+
+
+@pytest.mark.parametrize("sig,backend", [(signal.SIGINT, "docker"), (signal.SIGINT, "netns"),
+                                         (signal.SIGTERM, "docker")])
+def test_signal_to_fabric_up_tears_everything_down(sig, backend):
+    proc = start_foreground("1p1d.yaml", backend)
+    assert find_leftovers() != {}, "a running fabric should be visible"
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, out
+    assert "torn down" in out
+    assert find_leftovers() == {}
+
+
+def test_signal_during_startup_tears_down_what_was_built():
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "testbed", "fabric", "up", str(TOPOLOGIES / "2p4d.yaml")],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # Wait until containers are being made, then interrupt.
+    deadline = time.monotonic() + 60
+    while not find_leftovers().get("containers") and time.monotonic() < deadline:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGINT)
+    out, _ = proc.communicate(timeout=120)
+    assert "torn down" in out, out
+    assert find_leftovers() == {}
+
+
+def test_sigkill_then_clean_removes_leftovers():
+    proc = start_foreground("1p1d.yaml", "docker")
+    proc.kill()
+    proc.wait(timeout=10)
+    left = find_leftovers()
+    assert left.get("containers") and left.get("links"), left
+    result = run_testbed("clean")
+    assert result.returncode == 0, result.stderr
+    assert "removed" in result.stdout
+    assert find_leftovers() == {}
+    assert "nothing to clean" in run_testbed("clean").stdout
+
+
+def test_detached_fabric_status_exec_and_down():
+    up = run_testbed("fabric", "up", str(TOPOLOGIES / "mini.yaml"), "--detach")
+    assert up.returncode == 0, up.stderr
+    assert "n0g0" in up.stdout and "cnic" in up.stdout
+    try:
+        status = run_testbed("fabric", "status")
+        assert status.returncode == 0 and "up" in status.stdout
+        gpu = run_testbed("fabric", "exec", "n0g0", "--", "ip", "-o", "-4", "addr", "show", "cnic")
+        assert gpu.returncode == 0 and "198.18.0.1/16" in gpu.stdout
+        assert run_testbed("fabric", "exec", "n0g0", "--", "false").returncode == 1
+        missing = run_testbed("fabric", "exec", "nohost", "--", "true")
+        assert missing.returncode == 2 and "no host 'nohost'" in missing.stderr
+        again = run_testbed("fabric", "up", str(TOPOLOGIES / "mini.yaml"), "--detach")
+        assert again.returncode == 2 and "already up" in again.stderr
+    finally:
+        down = run_testbed("fabric", "down")
+    assert down.returncode == 0, down.stderr
+    assert find_leftovers() == {}
+    assert run_testbed("fabric", "status").returncode == 2
