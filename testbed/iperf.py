@@ -56,11 +56,13 @@ class Flow:
             raise TestbedError(f"iperf3 gave no report: {client_err.decode()[-200:]}") from None
         if "error" in report:
             raise TestbedError(f"iperf3: {report['error']}")
-        intervals = [(i["sum"]["start"], i["sum"]["bits_per_second"])
-                     for i in report["intervals"]]
-        # Leave out the first `omit` seconds: TCP slow start, not the link.
-        kept = [(s, r) for s, r in intervals if s >= self.omit - 1e-6]
-        rate = sum(r for _, r in kept) / len(kept) if kept else 0.0
+        sums = [i["sum"] for i in report["intervals"]]
+        # Leave out the first `omit` seconds (TCP slow start, not the link), and weigh each
+        # interval by its length: the last one is often a short tail.
+        kept = [s for s in sums if s["start"] >= self.omit - 1e-6]
+        seconds = sum(s["seconds"] for s in kept)
+        rate = 8 * sum(s["bytes"] for s in kept) / seconds if seconds else 0.0
+        intervals = [(s["start"], s["bits_per_second"]) for s in sums]
         return FlowResult(rate, intervals)
 
 

@@ -212,3 +212,14 @@ def load_topology(path: str | Path, **overrides: Any) -> Topology:
         if named_by_file and tuple(errors[0]["loc"]) == ("name",):
             message += " (the name defaults to the file name; set name: to override it)"
         raise TestbedError(f"{path}: {message}{more}") from None
+
+
+def probe_topology(rate: int, backend: str = "netns", **faster: int) -> Topology:
+    """A 1P1D topology, one GPU per node, whose links run at `rate` scaled bits/s, except
+    those named in `faster` (cnic, snic, pcie, storage). For measuring one link type."""
+    scale = 1000
+    real = {nic: f"{faster.get(nic, rate) * scale}bit" for nic in ("cnic", "snic", "pcie", "storage")}
+    return Topology.model_validate(dict(
+        name="probe", prefill_nodes=1, decode_nodes=1, gpus_per_node=1,
+        links=dict(cnic=real["cnic"], snic=real["snic"], pcie=real["pcie"]),
+        storage=dict(hosts=1, link=real["storage"]), scale=scale, backend=backend))

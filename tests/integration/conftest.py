@@ -25,17 +25,6 @@ def topology(name: str, **overrides) -> Topology:
     return load_topology(TOPOLOGIES / f"{name}.yaml", **overrides)
 
 
-def custom_topology(rate_bits: int, **links) -> Topology:
-    """A 1P1D topology whose links run at `rate_bits` (scaled) unless given in `links`."""
-    scale = 1000
-    real = {nic: f"{links.get(nic, rate_bits) * scale}bit"
-            for nic in ("cnic", "snic", "pcie", "storage")}
-    return Topology.model_validate(dict(
-        name="fidelity", prefill_nodes=1, decode_nodes=1, gpus_per_node=1,
-        links=dict(cnic=real["cnic"], snic=real["snic"], pcie=real["pcie"]),
-        storage=dict(hosts=1, link=real["storage"]), scale=scale, backend="netns"))
-
-
 class RunningFabric:
     """A fabric for one test module, torn down whatever happens."""
 

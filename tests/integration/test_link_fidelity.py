@@ -10,7 +10,8 @@ import pytest
 
 from testbed.iperf import measure
 from testbed.qos import DSCP_CS1
-from tests.integration.conftest import RunningFabric, custom_topology
+from testbed.topology import probe_topology
+from tests.integration.conftest import RunningFabric
 
 RATES = {"100Mbit": 100_000_000, "1Gbit": 1_000_000_000}
 LOW, HIGH = 0.90, 1.05
@@ -25,7 +26,7 @@ def check(rate: int, measured: float, what: str) -> None:
 @pytest.mark.parametrize("rate_name", RATES)
 def test_cnic_and_snic_in_both_directions(rate_name):
     rate = RATES[rate_name]
-    topo = custom_topology(rate, pcie=4 * rate, storage=4 * rate)
+    topo = probe_topology(rate, pcie=4 * rate, storage=4 * rate)
     with RunningFabric(topo) as fabric:
         gpu, node, storage = fabric.node("n0g0"), fabric.node("n0"), fabric.node("st0")
         plan = fabric.plan
@@ -40,7 +41,7 @@ def test_cnic_and_snic_in_both_directions(rate_name):
 @pytest.mark.parametrize("rate_name", RATES)
 def test_pcie_in_both_directions(rate_name):
     rate = RATES[rate_name]
-    topo = custom_topology(rate, cnic=4 * rate, snic=4 * rate, storage=4 * rate)
+    topo = probe_topology(rate, cnic=4 * rate, snic=4 * rate, storage=4 * rate)
     with RunningFabric(topo) as fabric:
         gpu, node = fabric.node("n0g0"), fabric.node("n0")
         cnic, pcie = fabric.plan.host("n0g0").address("cnic"), fabric.plan.host("n0").address("pcie")

@@ -1,0 +1,36 @@
+# The DualPath testbed. Run as root on Debian 12 / Ubuntu 22.04+.
+VENV := .venv
+TESTBED := $(VENV)/bin/testbed
+PYTEST := $(VENV)/bin/pytest
+TOPOLOGY ?= topologies/1p1d.yaml
+
+.PHONY: help setup test test-unit fabric-up fabric-down clean bench-fabric
+
+help:
+	@echo "make setup          install packages, the Docker daemon, the virtualenv, the agent image"
+	@echo "make test           run the whole test suite (unit + integration, as root)"
+	@echo "make test-unit      only the quick tests that need no root"
+	@echo "make fabric-up      bring TOPOLOGY (default $(TOPOLOGY)) up until Ctrl-C"
+	@echo "make clean          remove every leftover of earlier runs"
+	@echo "make bench-fabric   link rates against iperf3, isolation shares, startup/teardown times"
+
+setup:
+	@bash scripts/setup.sh
+
+test:
+	$(PYTEST) -q tests
+
+test-unit:
+	$(PYTEST) -q tests/unit
+
+fabric-up:
+	$(TESTBED) fabric up $(TOPOLOGY)
+
+fabric-down:
+	$(TESTBED) fabric down
+
+clean:
+	@if [ -x $(TESTBED) ]; then $(TESTBED) clean; else echo "nothing installed yet"; fi
+
+bench-fabric:
+	$(VENV)/bin/python -m testbed.bench.fabric
