@@ -19,7 +19,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from testbed.hosts import CONTAINER_LABEL, HOST_MARKER, remove_containers
 from testbed.plan import BRIDGES
-from testbed.state import FabricRecord, pid_alive, remove_record
+from testbed.state import FabricRecord, fabric_running, pid_alive, remove_record
 
 OWNER_STOP_SECONDS = 45
 
@@ -56,7 +56,8 @@ def our_containers():
 
 
 def stop_owner(record: FabricRecord) -> None:
-    if record.owner_pid == os.getpid() or not pid_alive(record.owner_pid):
+    # Only a live owner holds the fabric lock: without it, the pid may be someone else's now.
+    if record.owner_pid == os.getpid() or not fabric_running():
         return
     os.kill(record.owner_pid, signal.SIGTERM)
     deadline = time.monotonic() + OWNER_STOP_SECONDS

@@ -58,8 +58,8 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
 
     overrides = {"backend": args.backend} if args.backend else {}
     plan = build_plan(load_topology(args.topology, **overrides))
+    refuse_if_running()
     if args.detach:
-        refuse_if_running()
         return _detach(args)
     # Teardown must run however this process is asked to stop. A detached owner leads its
     # own session, so the first host pty it opens becomes its controlling terminal and
@@ -67,7 +67,8 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGINT, _raise_stop)
     signal.signal(signal.SIGTERM, _raise_stop)
     signal.signal(signal.SIGHUP, signal.SIG_IGN if args.owner else _raise_stop)
-    fabric = Fabric(plan, os.path.abspath(args.topology))
+    fabric = Fabric(plan, os.path.abspath(args.topology),
+                    progress=lambda line: print(line, flush=True))
     hosts = len(plan.hosts)
     print(f"bringing up {plan.topology.name}: {hosts} hosts on the {plan.topology.backend} "
           f"backend ...", flush=True)
@@ -121,9 +122,9 @@ def _detach(args: argparse.Namespace) -> int:
 
 
 def _running_record():
-    from testbed.state import FabricRecord
+    from testbed.state import FabricRecord, fabric_running
     record = FabricRecord.read()
-    if record is None or not record.owner_alive:
+    if record is None or not fabric_running():
         raise TestbedError("no fabric is up (start one with `testbed fabric up TOPOLOGY`)")
     return record
 
@@ -154,9 +155,9 @@ def cmd_fabric_exec(args: argparse.Namespace) -> int:
 
 def cmd_fabric_down(args: argparse.Namespace) -> int:
     from testbed import cleanup
-    from testbed.state import FabricRecord
+    from testbed.state import FabricRecord, fabric_running
     record = FabricRecord.read()
-    if record is None or not record.owner_alive:
+    if record is None or not fabric_running():
         print("no fabric is up; removing any leftovers")
     else:
         print(f"stopping {record.name} (owner pid {record.owner_pid}) ...", flush=True)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from mininet.log import setLogLevel
@@ -21,7 +22,7 @@ from testbed import cleanup, qos
 from testbed.errors import TestbedError
 from testbed.hosts import HOST_MARKER, ContainerPool, DockerHost, NetnsHost, remove_containers
 from testbed.plan import BRIDGES, ROOT_MGMT_ADDRESS, NETWORKS, ClusterPlan, Host
-from testbed.state import FabricRecord, HostRecord
+from testbed.state import FabricLock, FabricRecord, HostRecord, fabric_running
 
 BRIDGE_NETFILTER = Path("/proc/sys/net/bridge")
 
@@ -32,6 +33,13 @@ class FabricBridge(LinuxBridge):
     def _popen(self, cmd, **params):
         params["env"] = {**params.get("env", os.environ), HOST_MARKER: self.name}
         return super()._popen(cmd, **params)
+
+
+def no_ipv6(ifname: str) -> None:
+    """Our root-namespace ports and bridges stay IPv4-only: no IPv6 chatter on the fabric."""
+    knob = Path(f"/proc/sys/net/ipv6/conf/{ifname}/disable_ipv6")
+    if knob.exists():
+        knob.write_text("1")
 
 
 def preflight(backend: str) -> None:
@@ -50,15 +58,18 @@ def preflight(backend: str) -> None:
 
 
 def refuse_if_running() -> None:
-    record = FabricRecord.read()
-    if record and record.owner_alive:
-        raise TestbedError(f"a fabric ({record.name}) is already up, owned by pid "
-                           f"{record.owner_pid}: `testbed fabric down` first")
+    if fabric_running():
+        record = FabricRecord.read()
+        owner = f" ({record.name}, owned by pid {record.owner_pid})" if record else ""
+        raise TestbedError(f"a fabric{owner} is already up: `testbed fabric down` first")
 
 
 class Fabric:
-    def __init__(self, plan: ClusterPlan, topology_path: str = ""):
+    def __init__(self, plan: ClusterPlan, topology_path: str = "",
+                 progress: Callable[[str], None] | None = None):
         self.plan = plan
+        self.progress = progress or (lambda message: None)
+        self.lock = FabricLock()
         self.topology_path = topology_path
         self.net: Mininet | None = None
         self.nodes: dict[str, NetnsHost] = {}
@@ -76,7 +87,8 @@ class Fabric:
         """Build everything; on any failure or interrupt, tear down what was built."""
         started = time.monotonic()
         preflight(self.backend)
-        refuse_if_running()
+        if not self.lock.acquire():
+            refuse_if_running()
         self.claimed = True
         try:
             cleanup.remove_leftovers()          # stale pieces of a run that died
@@ -87,14 +99,19 @@ class Fabric:
             bridges = {fabric: self.net.addSwitch(name, dpid=str(i + 1))
                        for i, (fabric, name) in enumerate(BRIDGES.items())}
             self._add_hosts()
+            self._step(started, f"{len(self.nodes)} hosts ({self.backend})")
             for host in self.plan.hosts:
                 for intf in host.interfaces:
                     self.net.addLink(self.nodes[host.name], bridges[intf.fabric],
                                      intfName1=intf.name, intfName2=intf.switch_port,
                                      params1={"ip": f"{intf.address}/{intf.prefixlen}"})
+                    no_ipv6(intf.switch_port)
             for bridge in bridges.values():
-                bridge.start([])
+                bridge.start([])       # (re)creates the bridge, so its knobs come after
+                no_ipv6(bridge.name)
+            self._step(started, f"{len(self.plan.interfaces)} links on 3 bridges")
             self._shape()
+            self._step(started, "links shaped")
             with IPRoute() as ipr:   # the root namespace reaches the management network
                 index = ipr.link_lookup(ifname=BRIDGES["mgmt"])[0]
                 ipr.addr("add", index=index, address=ROOT_MGMT_ADDRESS,
@@ -104,6 +121,9 @@ class Fabric:
         except BaseException:
             self.down()
             raise
+
+    def _step(self, started: float, what: str) -> None:
+        self.progress(f"  {time.monotonic() - started:5.1f} s  {what}")
 
     def _add_hosts(self) -> None:
         if self.backend == "docker":
@@ -154,6 +174,7 @@ class Fabric:
         cleanup.remove_leftovers(containers=[])
         self.net = None
         self.claimed = False
+        self.lock.release()
         self.down_seconds = time.monotonic() - started
         return self.down_seconds
 

@@ -6,6 +6,7 @@ once the fabric is up and removes it after teardown; a record whose owner is dea
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import time
@@ -15,6 +16,39 @@ from pathlib import Path
 STATE_DIR = Path(os.environ.get("DUALPATH_STATE_DIR", "/run/dualpath-testbed"))
 STATE_FILE = STATE_DIR / "fabric.json"
 LOG_FILE = STATE_DIR / "fabric.log"
+LOCK_FILE = STATE_DIR / "fabric.lock"
+
+
+class FabricLock:
+    """Held by the fabric's owner for its lifetime: one fabric per machine, without races.
+    The kernel drops it when the owner dies, however it dies."""
+
+    def __init__(self) -> None:
+        self._fd: int | None = None
+
+    def acquire(self) -> bool:
+        STATE_DIR.mkdir(parents=True, exist_ok=True)
+        fd = os.open(LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)   # close-on-exec by default
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return False
+        self._fd = fd
+        return True
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+def fabric_running() -> bool:
+    lock = FabricLock()
+    if lock.acquire():
+        lock.release()
+        return False
+    return True
 
 
 @dataclass
@@ -55,10 +89,6 @@ class FabricRecord:
             return None
         data["hosts"] = [HostRecord(**h) for h in data.get("hosts", [])]
         return cls(**data)
-
-    @property
-    def owner_alive(self) -> bool:
-        return pid_alive(self.owner_pid)
 
 
 def pid_alive(pid: int) -> bool:
