@@ -72,8 +72,14 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
     hosts = len(plan.hosts)
     print(f"bringing up {plan.topology.name}: {hosts} hosts on the {plan.topology.backend} "
           f"backend ...", flush=True)
+    agents = None
     try:
         fabric.up()
+        if not args.no_agents:
+            from testbed.agentset import LOG_DIR, AgentSet
+            agents = AgentSet(fabric)
+            agents.start()
+            print(f"  agents running (logs: {LOG_DIR})", flush=True)
         print(fabric_table(FabricRecord.read()), flush=True)
         print(f"up in {fabric.up_seconds:.1f} s. Ctrl-C (or `testbed fabric down`) tears it "
               f"down.", flush=True)
@@ -85,6 +91,8 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)   # let teardown finish
+        if agents:
+            agents.stop()
         fabric.down()   # a no-op if up() already tore down after a failure
         if fabric.down_seconds is not None:
             print(f"torn down in {fabric.down_seconds:.1f} s", flush=True)
@@ -98,6 +106,8 @@ def _detach(args: argparse.Namespace) -> int:
 
     STATE_DIR.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "testbed", "fabric", "up", args.topology, "--owner"]
+    if args.no_agents:
+        cmd.append("--no-agents")
     if args.backend:
         cmd += ["--backend", args.backend]
     with open(LOG_FILE, "w") as log:
@@ -167,6 +177,27 @@ def cmd_fabric_down(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_request(args: argparse.Namespace) -> int:
+    import json
+
+    from testbed.plan import build_plan
+    from testbed.report import request_table
+    from testbed.request import RequestSpec, run_request
+    from testbed.topology import Topology
+    record = _running_record()
+    plan = build_plan(Topology.model_validate_json(record.topology_json))
+    decode_gpu = args.decode_gpu or next(h.name for h in plan.of_kind("gpu")
+                                         if h.role == "decode")
+    spec = RequestSpec(args.model, args.context, args.append, args.generate, args.path,
+                       args.prefill_gpu, decode_gpu, args.oracle)
+    try:
+        report = run_request(record, plan, spec)
+    except (OSError, RuntimeError) as exc:
+        raise TestbedError(f"request failed: {exc}") from None
+    print(json.dumps(report, indent=1) if args.json else request_table(report))
+    return 0
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     from testbed import cleanup
     found = cleanup.remove_leftovers()
@@ -189,6 +220,8 @@ def build_parser() -> argparse.ArgumentParser:
                     help="override the topology's host backend")
     up.add_argument("--detach", action="store_true",
                     help="return once the fabric is up and leave it running")
+    up.add_argument("--no-agents", action="store_true",
+                    help="only the network: start no storage, node or engine agents")
     up.add_argument("--owner", action="store_true", help=argparse.SUPPRESS)  # detached owner
     up.set_defaults(func=cmd_fabric_up)
     fabric.add_parser("status", help="show the running fabric").set_defaults(
@@ -205,6 +238,19 @@ def build_parser() -> argparse.ArgumentParser:
     check = topology.add_parser("check", help="validate topology files")
     check.add_argument("topology", nargs="+")
     check.set_defaults(func=cmd_topology_check)
+
+    req = sub.add_parser("request", help="push one request through the running fabric's "
+                                         "data plane, without a scheduler")
+    req.add_argument("--model", default="ds-27b", help="model profile (models/NAME.yaml)")
+    req.add_argument("--context", type=int, default=32768, help="hit tokens (KV in storage)")
+    req.add_argument("--append", type=int, default=429, help="miss tokens (prefilled)")
+    req.add_argument("--generate", type=int, default=176, help="tokens to decode")
+    req.add_argument("--path", choices=["pe", "de"], default="pe", help="KV read path")
+    req.add_argument("--prefill-gpu", default="n0g0")
+    req.add_argument("--decode-gpu", help="default: the first GPU of the first decode node")
+    req.add_argument("--oracle", action="store_true", help="skip all KV I/O")
+    req.add_argument("--json", action="store_true", help="print the full report as JSON")
+    req.set_defaults(func=cmd_request)
 
     sub.add_parser("clean", help="remove every leftover of earlier runs").set_defaults(
         func=cmd_clean)

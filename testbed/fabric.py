@@ -42,6 +42,10 @@ def no_ipv6(ifname: str) -> None:
         knob.write_text("1")
 
 
+def set_mtu(ipr: IPRoute, ifname: str, mtu: int) -> None:
+    ipr.link("set", index=ipr.link_lookup(ifname=ifname)[0], mtu=mtu)
+
+
 def preflight(backend: str) -> None:
     if os.geteuid() != 0:
         raise TestbedError("the fabric needs root (namespaces, veth pairs, qdiscs): run as root")
@@ -144,10 +148,12 @@ class Fabric:
                 self.nodes[host.name] = self.net.addHost(host.name, cls=NetnsHost)
 
     def _shape(self) -> None:
-        shares = self.plan.topology.qos
+        """MTU and HTB on both ends of every fabric link (the management network is neither)."""
+        shares, mtu = self.plan.topology.qos, self.plan.topology.mtu
         with IPRoute() as root:
             for intf in self.plan.interfaces:
                 if intf.rate is not None:
+                    set_mtu(root, intf.switch_port, mtu)
                     qos.shape(root, intf.switch_port, intf.rate,
                               shares if intf.prioritized else None)
         for host in self.plan.hosts:
@@ -157,6 +163,7 @@ class Fabric:
             netns = f"/proc/{self.nodes[host.name].netns_pid}/ns/net"
             with IPRoute(netns=netns, flags=0) as ipr:
                 for intf in shaped:
+                    set_mtu(ipr, intf.name, mtu)
                     qos.shape(ipr, intf.name, intf.rate, shares if intf.prioritized else None)
 
     # -- tear down ------------------------------------------------------------------------
@@ -186,6 +193,7 @@ class Fabric:
         return FabricRecord(
             topology=self.topology_path, name=self.plan.topology.name, backend=self.backend,
             owner_pid=os.getpid(), status=status, up_seconds=self.up_seconds,
+            topology_json=self.plan.topology.model_dump_json(),
             hosts=[self._host_record(h) for h in self.plan.hosts if h.name in self.nodes])
 
     def _host_record(self, host: Host) -> HostRecord:
@@ -196,4 +204,4 @@ class Fabric:
             container=container.name if container else None,
             interfaces=[dict(name=i.name, fabric=i.fabric, address=i.address,
                              prefixlen=i.prefixlen, rate=i.rate, real_rate=i.real_rate,
-                             prioritized=i.prioritized) for i in host.interfaces])
+                             prioritized=i.prioritized, switch_port=i.switch_port) for i in host.interfaces])

@@ -124,6 +124,6 @@ def build_plan(topology: Topology) -> ClusterPlan:
             gpu = f"{node}g{j}"
             hosts.append(Host(gpu, "gpu", role, node=node, interfaces=(
                 Interface(gpu, "cnic", "compute", _addr("compute", i, j + 1),
-                          prioritized=True, **cnic),
+                          prioritized=t.qos.priority_classes, **cnic),
                 Interface(gpu, "mgmt", "mgmt", _addr("mgmt", 3 + i, j + 1), **unshaped))))
     return ClusterPlan(topology, tuple(hosts))

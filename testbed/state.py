@@ -68,6 +68,7 @@ class FabricRecord:
     backend: str
     owner_pid: int
     status: str                    # "starting" or "up"
+    topology_json: str = ""        # the validated topology, overrides applied
     started_at: float = field(default_factory=time.time)
     up_seconds: float | None = None
     hosts: list[HostRecord] = field(default_factory=list)

@@ -13,13 +13,14 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, ValidationError,
-                      model_validator)
+from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
+                      ValidationError, model_validator)
 
 from testbed.errors import TestbedError
 from testbed.rates import format_rate, parse_rate
 
-Rate = Annotated[int, BeforeValidator(parse_rate)]
+# Written and serialised as text ("400000000000bit"), so a dumped topology loads again.
+Rate = Annotated[int, BeforeValidator(parse_rate), PlainSerializer(lambda bits: f"{bits}bit")]
 # What one 2-core machine can shape and forward: below 1 Mbit/s HTB is coarse, above
 # 10 Gbit/s no veth pair on this class of machine keeps up.
 MIN_SCALED_RATE = 10**6
@@ -42,12 +43,24 @@ class Links(Spec):
 class Storage(Spec):
     hosts: int = Field(ge=1, le=MAX_STORAGE_HOSTS, strict=True)
     link: Rate
+    replicas: int = Field(default=1, ge=1, le=MAX_STORAGE_HOSTS, strict=True,
+                          description="copies of every block, on consecutive storage hosts")
+
+    @model_validator(mode="after")
+    def enough_hosts(self) -> "Storage":
+        if self.replicas > self.hosts:
+            raise ValueError(f"storage.replicas: got {self.replicas}, expected at most "
+                             f"storage.hosts ({self.hosts})")
+        return self
 
 
 class QosShares(Spec):
     """Guaranteed shares of a CNIC for model-execution (high) and KV (low) traffic."""
     high: float = Field(gt=0, lt=1)
     low: float = Field(gt=0, lt=1)
+    priority_classes: bool = Field(
+        default=True, strict=True,
+        description="false: every CNIC is one FIFO, to measure what isolation buys")
 
     @model_validator(mode="after")
     def shares_fit_the_link(self) -> "QosShares":
@@ -66,6 +79,9 @@ class Topology(Spec):
     storage: Storage
     scale: float = Field(ge=1, description="real-cluster bandwidth / emulated bandwidth")
     qos: QosShares = QosShares(high=0.99, low=0.01)
+    mtu: int = Field(default=9000, ge=1280, le=9000, strict=True,
+                     description="bytes per packet on the compute and storage fabrics: data "
+                                 "center fabrics run jumbo frames (InfiniBand 4 KiB)")
     backend: Literal["docker", "netns"] = "docker"
 
     @model_validator(mode="after")
@@ -102,16 +118,17 @@ def _show(value: Any) -> str:
     return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
-def _known_fields(loc: tuple) -> list[str]:
-    """The field names allowed where `loc` points (for 'did you mean')."""
-    model: Any = Topology
+def _known_fields(loc: tuple, root: type[BaseModel] = Topology) -> list[str]:
+    """The field names allowed where `loc` points in `root` (for 'did you mean')."""
+    model: Any = root
     for part in loc[:-1]:
         field = getattr(model, "model_fields", {}).get(part)
         model = field.annotation if field else None
     return list(getattr(model, "model_fields", {}))
 
 
-def _describe_error(error: dict[str, Any]) -> str:
+def _describe_error(error: dict[str, Any], root: type[BaseModel] = Topology) -> str:
+    """One pydantic error of validating `root` (a Topology unless told) as one line."""
     loc = tuple(error["loc"])
     field = ".".join(str(part) for part in loc) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
@@ -119,7 +136,7 @@ def _describe_error(error: dict[str, Any]) -> str:
     if error["type"] == "missing":
         return f"{field}: missing, expected this field to be set"
     if error["type"] == "extra_forbidden":
-        close = difflib.get_close_matches(str(loc[-1]), _known_fields(loc), n=1)
+        close = difflib.get_close_matches(str(loc[-1]), _known_fields(loc, root), n=1)
         hint = f"did you mean {close[0]!r}?" if close else "is it misspelt?"
         return f"{field}: got {_show(value)}, expected no such field ({hint})"
     if message.startswith("Input should be "):

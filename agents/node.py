@@ -1,0 +1,293 @@
+"""The node agent: the node's DRAM buffer and traffic manager.
+
+- LOAD: reads Full Blocks from storage over the node's `snic` into a bounded DRAM buffer,
+  keeping a read queue whose length (tokens) it reports.
+- LAYER_READ: serves one layer of a request's blocks over `pcie` to any GPU: its own (PE
+  read path, a loopback H2D through the GPU's CNIC) or a remote prefill GPU (DE read path).
+- KV_PUSH: takes layer KV from prefill GPUs and assembles the prompt KV.
+- FETCH: hands the complete prompt KV to its decode GPU (one bulk H2D), then frees it.
+- PERSIST: writes decode-generated Full Blocks back to storage over the `snic`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+
+from agents import protocol
+from agents.kv import Block, Geometry, Verifier, full_block_frame, layer_frame, parse_blocks, placement
+from agents.protocol import Frame, MessageType, PeerError, ProtocolError
+from agents.runtime import Agent, run
+from agents.storage import STORAGE_PORT
+
+NODE_PORT = 7002
+PROMPT_TIMEOUT = 600.0
+
+
+class Buffer:
+    """The node's DRAM for KV, in emulated bytes: a reservation waits while it is full."""
+
+    def __init__(self, capacity: int):
+        self.capacity = capacity
+        self.used = 0
+        self._freed = asyncio.Condition()
+
+    async def reserve(self, size: int) -> None:
+        if size > self.capacity:
+            raise ProtocolError(f"{size} bytes exceed the DRAM buffer of {self.capacity}")
+        async with self._freed:
+            await self._freed.wait_for(lambda: self.used + size <= self.capacity)
+            self.used += size
+
+    async def free(self, size: int) -> None:
+        async with self._freed:
+            self.used = max(0, self.used - size)
+            self._freed.notify_all()
+
+
+@dataclass
+class Prompt:
+    """One request's KV in this node's DRAM."""
+    fulls: dict[int, bytes] = field(default_factory=dict)          # block id -> Full Block
+    layers: dict[int, dict[int, bytes]] = field(default_factory=dict)  # pushed: id -> layer -> bytes
+    loaded: list[Block] = field(default_factory=list)              # LOADed, in order
+    geometry: Geometry | None = None
+    expected: list[Block] = field(default_factory=list)
+    complete: asyncio.Event = field(default_factory=asyncio.Event)
+    size: int = 0
+
+
+class StorageLink:
+    """One connection to one storage host over the SNIC; one exchange at a time."""
+
+    def __init__(self, address: str):
+        self.address = address
+        self.lock = asyncio.Lock()
+        self.streams = None
+
+    async def exchange(self, send: list[Frame], on_reply, replies: int) -> None:
+        async with self.lock:
+            if self.streams is None:
+                self.streams = await protocol.open_connection(self.address, STORAGE_PORT,
+                                                              protocol.DSCP_CS1)
+            reader, writer = self.streams
+            try:
+                for frame in send:
+                    await protocol.write_frame(writer, frame)
+                for _ in range(replies):
+                    on_reply(await protocol.expect(reader, MessageType.FULL_BLOCK, MessageType.ACK))
+            except (ProtocolError, ConnectionError, asyncio.IncompleteReadError):
+                writer.close()
+                self.streams = None
+                raise
+            except PeerError:
+                # The storage agent stops answering a READ at its first ERROR: the
+                # connection is in a known state.
+                raise
+
+
+class NodeAgent(Agent):
+    name = "node"
+
+    async def start(self) -> None:
+        topology = self.plan.topology
+        self.buffer = Buffer(int(self.args.dram_bytes / topology.scale))
+        self.storage_hosts = [h.name for h in self.plan.of_kind("storage")]
+        self.replicas = topology.storage.replicas
+        self.links = {h: StorageLink(self.address(h, "stor")) for h in self.storage_hosts}
+        self.prompts: dict[int, Prompt] = {}
+        self.read_queue_tokens = 0
+        self.verifier = Verifier()
+        self.counters = {"storage_read_bytes": 0, "storage_write_bytes": 0,
+                         "layer_bytes_local": 0, "layer_bytes_remote": 0,
+                         "pushed_bytes": 0, "fetched_bytes": 0, "persisted_blocks": 0,
+                         "errors": 0}
+        self.local_gpus = {g.address("cnic") for g in self.plan.of_kind("gpu")
+                           if g.node == self.host.name}
+        await protocol.serve(self.session, self.host.address("pcie"), NODE_PORT,
+                             protocol.DSCP_CS1)
+
+    async def stats(self, _message: dict) -> dict:
+        return {**self.counters, **self.verifier.stats(), "read_queue_tokens": self.read_queue_tokens,
+                "buffer_used": self.buffer.used, "buffer_capacity": self.buffer.capacity,
+                "requests_in_dram": len(self.prompts)}
+
+    def prompt(self, request: int) -> Prompt:
+        return self.prompts.setdefault(request, Prompt())
+
+    async def drop(self, request: int) -> None:
+        prompt = self.prompts.pop(request, None)
+        if prompt:
+            await self.buffer.free(prompt.size)
+
+    # -- storage ----------------------------------------------------------------------------
+    async def read_blocks(self, request: int, geometry: Geometry, blocks: list[Block]) -> dict[int, bytes]:
+        """Full Blocks from storage, each from the first replica that has it whole."""
+        tokens = sum(t for _, t in blocks)
+        self.read_queue_tokens += tokens
+        try:
+            size = geometry.blocks_bytes(blocks)
+            await self.buffer.reserve(size)
+            self.prompt(request).size += size
+            got: dict[int, bytes] = {}
+            pending = list(blocks)
+            for attempt in range(self.replicas):
+                by_host: dict[str, list[Block]] = {}
+                for block in pending:
+                    hosts = placement(block[0], self.storage_hosts, self.replicas)
+                    by_host.setdefault(hosts[attempt % len(hosts)], []).append(block)
+                results = await asyncio.gather(
+                    *(self._read_from(h, request, geometry, bs, got) for h, bs in by_host.items()),
+                    return_exceptions=True)
+                failures = [r for r in results if isinstance(r, Exception)]
+                pending = [b for b in pending if b[0] not in got]
+                if not pending:
+                    return got
+                if attempt == self.replicas - 1:
+                    raise PeerError("; ".join(str(f) for f in failures) or "blocks missing")
+            return got
+        finally:
+            self.read_queue_tokens -= tokens
+
+    async def _read_from(self, host: str, request: int, geometry: Geometry, blocks: list[Block],
+                         got: dict[int, bytes]) -> None:
+        tokens = dict(blocks)
+        order = iter(blocks)
+
+        def keep(frame: Frame) -> None:
+            block = next(order)
+            if frame.block != block[0]:
+                raise ProtocolError(f"storage sent block {frame.block}, expected {block[0]}")
+            self.verifier.full_block(geometry, (frame.block, tokens[frame.block]), frame.payload)
+            got[frame.block] = frame.payload
+            self.counters["storage_read_bytes"] += len(frame.payload)
+
+        read = protocol.control(MessageType.READ, {"geometry": geometry.to_json(),
+                                                   "blocks": blocks}, request)
+        await self.links[host].exchange([read], keep, len(blocks))
+
+    async def write_block(self, geometry: Geometry, block: Block, payload: bytes) -> None:
+        frame = full_block_frame(geometry, block, payload=payload)
+        frame.type = MessageType.WRITE
+        for host in placement(block[0], self.storage_hosts, self.replicas):
+            await self.links[host].exchange([frame], lambda _ack: None, 1)
+            self.counters["storage_write_bytes"] += len(payload)
+
+    # -- serving GPUs -----------------------------------------------------------------------
+    async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        peer = writer.get_extra_info("peername")
+        try:
+            while (frame := await protocol.read_frame(reader)) is not None:
+                handler = {MessageType.LOAD: self.on_load, MessageType.LAYER_READ: self.on_layer_read,
+                           MessageType.KV_PUSH: self.on_push, MessageType.FETCH: self.on_fetch,
+                           MessageType.PERSIST: self.on_persist}.get(frame.type)
+                if handler is None:
+                    raise ProtocolError(f"node does not take {frame.type.name}")
+                try:
+                    await handler(frame, reader, writer, peer)
+                except PeerError as exc:
+                    self.counters["errors"] += 1
+                    self.log.warning("request %d: %s", frame.request, exc)
+                    await protocol.write_frame(writer, protocol.error(str(exc), frame.request))
+        except (ProtocolError, ConnectionError) as exc:
+            self.counters["errors"] += 1
+            self.log.warning("closing connection from %s: %s", peer, exc)
+        finally:
+            writer.close()
+
+    async def on_load(self, frame: Frame, reader, writer, peer) -> None:
+        body = frame.json()
+        geometry, blocks = Geometry.from_json(body["geometry"]), parse_blocks(body["blocks"])
+        started = time.monotonic()
+        fulls = await self.read_blocks(frame.request, geometry, blocks)
+        prompt = self.prompt(frame.request)
+        prompt.fulls.update(fulls)
+        prompt.loaded, prompt.geometry = blocks, geometry
+        await protocol.write_frame(writer, protocol.control(MessageType.ACK, {
+            "seconds": time.monotonic() - started, "bytes": sum(map(len, fulls.values()))},
+            frame.request))
+
+    async def on_layer_read(self, frame: Frame, reader, writer, peer) -> None:
+        """One layer of the blocks LOADed for the request (so a read names no blocks)."""
+        body = frame.json()
+        prompt = self.prompts.get(frame.request)
+        if prompt is None or not prompt.loaded:
+            raise PeerError(f"request {frame.request}: no KV loaded in {self.host.name}'s DRAM")
+        if not 0 <= frame.layer < prompt.geometry.layers:
+            raise PeerError(f"layer: got {frame.layer}, expected 0..{prompt.geometry.layers - 1}")
+        reply = layer_frame(prompt.geometry, prompt.loaded, frame.layer, frame.request,
+                            prompt.fulls)
+        sent = await protocol.write_frame(writer, reply)
+        key = "layer_bytes_local" if peer[0] in self.local_gpus else "layer_bytes_remote"
+        self.counters[key] += sent
+        if body.get("release"):
+            await self.drop(frame.request)
+
+    async def on_push(self, frame: Frame, reader, writer, peer) -> None:
+        """A prefill GPU streams one frame per layer of `blocks`; the prompt is complete
+        once every block of `prompt` is in DRAM, loaded or pushed."""
+        body = frame.json()
+        geometry = Geometry.from_json(body["geometry"])
+        blocks, expected = parse_blocks(body["blocks"]), parse_blocks(body["prompt"])
+        persist = parse_blocks(body.get("persist", []))
+        prompt = self.prompt(frame.request)
+        prompt.expected = expected
+        size = geometry.blocks_bytes(blocks)
+        await self.buffer.reserve(size)
+        prompt.size += size
+        for layer in range(geometry.layers):
+            data = await protocol.expect(reader, MessageType.LAYER_DATA)
+            if data.layer != layer or data.count != len(blocks):
+                raise ProtocolError(f"push of request {frame.request}: got layer {data.layer} "
+                                    f"x{data.count}, expected layer {layer} x{len(blocks)}")
+            self.verifier.layer(geometry, blocks, layer, data.payload)
+            self.counters["pushed_bytes"] += len(data.payload)
+            offset = 0
+            for block_id, tokens in blocks:
+                size = geometry.layer_block_bytes(tokens)
+                prompt.layers.setdefault(block_id, {})[layer] = data.payload[offset:offset + size]
+                offset += size
+            await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request, layer=layer))
+        for block_id, _ in blocks:
+            parts = prompt.layers.pop(block_id)
+            prompt.fulls[block_id] = b"".join(parts[layer] for layer in range(geometry.layers))
+        if all(b in prompt.fulls for b, _ in expected):
+            prompt.complete.set()
+        for block in persist:   # the appended tokens' KV, for later turns
+            await self.write_block(geometry, block, prompt.fulls[block[0]])
+
+    async def on_fetch(self, frame: Frame, reader, writer, peer) -> None:
+        body = frame.json()
+        geometry = Geometry.from_json(body["geometry"])
+        prompt = self.prompt(frame.request)
+        try:
+            await asyncio.wait_for(prompt.complete.wait(), PROMPT_TIMEOUT)
+        except asyncio.TimeoutError:
+            raise PeerError(f"request {frame.request}: prompt KV incomplete after "
+                            f"{PROMPT_TIMEOUT:.0f} s") from None
+        for block in prompt.expected:
+            sent = await protocol.write_frame(writer, full_block_frame(
+                geometry, block, frame.request, prompt.fulls[block[0]]))
+            self.counters["fetched_bytes"] += sent
+        await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request))
+        await self.drop(frame.request)
+
+    async def on_persist(self, frame: Frame, reader, writer, peer) -> None:
+        body = frame.json()
+        geometry, blocks = Geometry.from_json(body["geometry"]), parse_blocks(body["blocks"])
+        for block in blocks:
+            data = await protocol.expect(reader, MessageType.FULL_BLOCK)
+            self.verifier.full_block(geometry, block, data.payload)
+            await self.write_block(geometry, block, data.payload)
+            self.counters["persisted_blocks"] += 1
+        await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request))
+
+
+def _args(parser) -> None:
+    parser.add_argument("--dram-bytes", type=float, default=80e9,
+                        help="real-cluster DRAM buffer per node (paper: 80 GB for DS models)")
+
+
+if __name__ == "__main__":
+    run(NodeAgent, _args)

@@ -1,0 +1,219 @@
+"""The agents' shared language: framed messages over TCP, carrying verifiable KV bytes.
+
+Every message is a fixed 32-byte header followed by `length` payload bytes:
+
+    offset size field     meaning
+    0      2    magic     b"DP"
+    2      1    version   1
+    3      1    type      MessageType
+    4      8    request   request id (0 when none)
+    12     2    layer     layer index (0xFFFF: all layers, i.e. a Full Block)
+    14     8    block     first block id the payload covers (0 when none)
+    22     4    length    payload bytes (at most MAX_PAYLOAD)
+    26     4    checksum  CRC-32 of the payload
+    30     2    count     number of blocks the payload covers (KV messages), else 0
+
+KV payloads are derived from the identity of each block: `kv_bytes(block, layer, length)`
+gives the only valid bytes of one layer of one block, so any receiver verifies what it got
+without a side channel. A Full Block is its layers' Layer Blocks concatenated in layer
+order, so no layout conversion is ever needed. Control payloads (LOAD, READ, ...) are JSON;
+ERROR payloads are a UTF-8 reason.
+
+Every socket is marked with the DSCP of its traffic class (`open_connection`, `serve`):
+KV bytes CS1, model-execution traffic (all-to-all) EF.
+
+Who sends what:
+  READ      node -> storage     JSON {"blocks": [[id, tokens], ...]}; answered by one
+                                FULL_BLOCK per block, or ERROR
+  WRITE     node -> storage     payload is one Full Block; answered by ACK or ERROR
+  LOAD      engine -> node      JSON {"blocks": [[id, tokens], ...]}: read these Full Blocks
+                                from storage into DRAM; answered by ACK or ERROR
+  LAYER_READ  engine -> node    header layer L, JSON {"release": bool}: layer L of the blocks
+                                LOADed for the request, answered by LAYER_DATA; release
+                                frees them from DRAM after this read
+  LAYER_DATA  either way        one layer of `count` consecutive blocks of the request
+  KV_PUSH   PE engine -> DE node  LAYER_DATA frames for a request; answered by ACK per layer
+  FETCH     DE engine -> node   JSON {"request": R}: the whole prompt KV, as FULL_BLOCK frames
+  PERSIST   DE engine -> node   a Full Block of generated tokens; the node writes it to
+                                storage and answers ACK
+  ALL_TO_ALL  engine <-> engine  derived bytes standing for expert-parallel traffic; ACK
+  ACK, ERROR                     replies
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+import hashlib
+import json
+import random
+import socket
+import struct
+import zlib
+from dataclasses import dataclass
+
+MAGIC = b"DP"
+VERSION = 1
+HEADER = struct.Struct("!2sBBQHQIIH")
+assert HEADER.size == 32
+MAX_PAYLOAD = 64 * 1024 * 1024
+ALL_LAYERS = 0xFFFF
+
+DSCP_EF = 46    # model-execution traffic: high class on every CNIC
+DSCP_CS1 = 8    # KV-cache traffic, loopback copies included: low class
+
+
+class MessageType(enum.IntEnum):
+    READ = 1
+    WRITE = 2
+    FULL_BLOCK = 3
+    LOAD = 4
+    LAYER_READ = 5
+    LAYER_DATA = 6
+    KV_PUSH = 7
+    FETCH = 8
+    PERSIST = 9
+    ALL_TO_ALL = 10
+    ACK = 11
+    ERROR = 12
+
+
+class ProtocolError(Exception):
+    """A malformed, truncated or corrupt message: the connection that sent it is closed."""
+
+
+class PeerError(Exception):
+    """The peer answered ERROR; the message is its reason."""
+
+
+@dataclass
+class Frame:
+    type: MessageType
+    request: int = 0
+    layer: int = 0
+    block: int = 0
+    count: int = 0
+    payload: bytes = b""
+
+    def encode_header(self) -> bytes:
+        return HEADER.pack(MAGIC, VERSION, self.type, self.request, self.layer, self.block,
+                           len(self.payload), zlib.crc32(self.payload), self.count)
+
+    def json(self) -> dict:
+        try:
+            return json.loads(self.payload)
+        except ValueError as exc:
+            raise ProtocolError(f"{self.type.name}: payload is not JSON ({exc})") from None
+
+
+def control(type_: MessageType, body: dict, request: int = 0) -> Frame:
+    return Frame(type_, request=request, payload=json.dumps(body).encode())
+
+
+def error(reason: str, request: int = 0) -> Frame:
+    return Frame(MessageType.ERROR, request=request, payload=reason.encode()[:4096])
+
+
+# -- verifiable KV bytes -----------------------------------------------------------------------
+
+_PATTERN_SIZE = 1 << 16
+_PATTERN = random.Random(0x4450).randbytes(2 * _PATTERN_SIZE)
+
+
+def _offset(block: int, layer: int) -> int:
+    digest = hashlib.blake2b(struct.pack("!QH", block, layer), digest_size=4).digest()
+    return int.from_bytes(digest, "big") % _PATTERN_SIZE
+
+
+def kv_bytes(block: int, layer: int, length: int) -> bytes:
+    """The bytes of layer `layer` of block `block`: a window into a fixed random pattern,
+    placed by a hash of the identity, stamped with the identity itself."""
+    stamp = struct.pack("!QH", block, layer)
+    body = bytearray(stamp[:length])
+    start = _offset(block, layer)
+    while len(body) < length:
+        take = min(length - len(body), _PATTERN_SIZE)
+        body += _PATTERN[start:start + take]
+    return bytes(body)
+
+
+# -- framing over asyncio streams ---------------------------------------------------------------
+
+async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
+    """The next frame, or None at a clean end of stream. Raises ProtocolError otherwise."""
+    try:
+        header = await reader.readexactly(HEADER.size)
+    except asyncio.IncompleteReadError as exc:
+        if not exc.partial:
+            return None
+        raise ProtocolError(f"truncated header ({len(exc.partial)} of {HEADER.size} bytes)") \
+            from None
+    magic, version, type_, request, layer, block, length, checksum, count = HEADER.unpack(header)
+    if magic != MAGIC or version != VERSION:
+        raise ProtocolError(f"bad magic/version {magic!r}/{version}")
+    try:
+        type_ = MessageType(type_)
+    except ValueError:
+        raise ProtocolError(f"unknown message type {type_}") from None
+    if length > MAX_PAYLOAD:
+        raise ProtocolError(f"{type_.name}: length {length} exceeds {MAX_PAYLOAD}")
+    try:
+        payload = await reader.readexactly(length)
+    except asyncio.IncompleteReadError as exc:
+        raise ProtocolError(f"{type_.name}: truncated payload ({len(exc.partial)} of "
+                            f"{length} bytes)") from None
+    if zlib.crc32(payload) != checksum:
+        raise ProtocolError(f"{type_.name}: checksum mismatch on request {request} "
+                            f"block {block} layer {layer}")
+    return Frame(type_, request, layer, block, count, payload)
+
+
+async def write_frame(writer: asyncio.StreamWriter, frame: Frame) -> int:
+    """Send one frame; returns the bytes put on the wire (header included)."""
+    header = frame.encode_header()
+    writer.writelines([header, frame.payload])   # one send: no header-only packet
+    await writer.drain()
+    return len(header) + len(frame.payload)
+
+
+async def expect(reader: asyncio.StreamReader, *types: MessageType) -> Frame:
+    frame = await read_frame(reader)
+    if frame is None:
+        raise ProtocolError(f"peer closed the connection, expected {'/'.join(t.name for t in types)}")
+    if frame.type == MessageType.ERROR:
+        raise PeerError(frame.payload.decode(errors="replace"))
+    if frame.type not in types:
+        raise ProtocolError(f"got {frame.type.name}, expected {'/'.join(t.name for t in types)}")
+    return frame
+
+
+# -- sockets marked with their traffic class ---------------------------------------------------
+
+def _mark(sock: socket.socket, dscp: int) -> None:
+    sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, dscp << 2)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+
+async def open_connection(host: str, port: int, dscp: int,
+                          timeout: float = 10.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A TCP connection whose every packet, the handshake included, carries `dscp`."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    _mark(sock, dscp)
+    sock.setblocking(False)
+    loop = asyncio.get_running_loop()
+    try:
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
+    except BaseException:
+        sock.close()
+        raise
+    return await asyncio.open_connection(sock=sock, limit=MAX_PAYLOAD)
+
+
+async def serve(handler, address: str, port: int, dscp: int) -> asyncio.base_events.Server:
+    """A listening socket marked with `dscp`; accepted connections inherit the mark."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    _mark(sock, dscp)
+    sock.bind((address, port))
+    sock.setblocking(False)
+    return await asyncio.start_server(handler, sock=sock, limit=MAX_PAYLOAD)

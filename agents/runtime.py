@@ -1,0 +1,67 @@
+"""What every agent shares: its place in the cluster plan, logging, and a clean stop."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+
+from testbed.plan import ClusterPlan, Host, build_plan
+from testbed.topology import Topology
+
+
+class Agent:
+    """Base of the storage, node and engine agents: `start()` opens the servers."""
+
+    name = "agent"
+
+    def __init__(self, plan: ClusterPlan, host: Host, args: argparse.Namespace):
+        self.plan = plan
+        self.host = host
+        self.args = args
+        self.log = logging.getLogger(f"{self.name}:{host.name}")
+
+    async def start(self) -> None:
+        raise NotImplementedError
+
+    async def stats(self, _message: dict) -> dict:
+        return {}
+
+    def control_handlers(self) -> dict:
+        return {"ping": self.ping, "stats": self.stats}
+
+    async def ping(self, _message: dict) -> dict:
+        return {"agent": self.name, "host": self.host.name}
+
+    def address(self, host: str, intf: str) -> str:
+        return self.plan.host(host).address(intf)
+
+
+def run(agent_class: type[Agent], extra_args=None) -> None:
+    parser = argparse.ArgumentParser(prog=f"agents.{agent_class.name}")
+    parser.add_argument("--topology-json", required=True, help="the fabric's topology, as JSON")
+    parser.add_argument("--host", required=True, help="this host's name in the plan")
+    parser.add_argument("--verbose", action="store_true")
+    if extra_args:
+        extra_args(parser)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
+                        format=f"%(asctime)s {args.host} %(name)s %(levelname)s %(message)s")
+    plan = build_plan(Topology.model_validate_json(args.topology_json))
+    agent = agent_class(plan, plan.host(args.host), args)
+
+    async def main() -> None:
+        from agents.control import serve_control
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, stop.set)
+        await agent.start()
+        await serve_control(agent.host.address("mgmt"), agent.control_handlers())
+        agent.log.info("ready")
+        await stop.wait()
+        agent.log.info("stopping")
+
+    asyncio.run(main())

@@ -1,0 +1,90 @@
+"""Starting and stopping the agents of a fabric: one process per host, inside the host.
+
+storage hosts run agents.storage, nodes agents.node, GPU hosts agents.engine. Each agent
+gets the topology as JSON on its command line (containers do not see the host's files),
+logs to LOG_DIR/<host>.log, and is ready once it answers `ping` on the management network.
+"""
+
+from __future__ import annotations
+
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from agents.control import call
+from testbed.errors import TestbedError
+from testbed.fabric import Fabric
+from testbed.state import STATE_DIR
+
+LOG_DIR = STATE_DIR / "logs"
+REPO = Path(__file__).resolve().parent.parent
+PROGRAMS = {"storage": "agents.storage", "node": "agents.node", "gpu": "agents.engine"}
+READY_SECONDS = 60
+
+
+class AgentSet:
+    def __init__(self, fabric: Fabric):
+        self.fabric = fabric
+        self.processes: dict[str, subprocess.Popen] = {}
+
+    def _command(self, host: str, program: str) -> tuple[list[str], dict]:
+        topology = self.fabric.plan.topology.model_dump_json()
+        if self.fabric.backend == "docker":
+            python, path = "/opt/venv/bin/python", "/opt/dualpath"
+        else:
+            python, path = sys.executable, str(REPO)
+        cmd = [python, "-m", program, "--topology-json", topology, "--host", host]
+        return cmd, {"PYTHONPATH": path, "PYTHONUNBUFFERED": "1", "PATH": "/usr/bin:/bin"}
+
+    def start(self) -> None:
+        LOG_DIR.mkdir(parents=True, exist_ok=True)
+        for host in self.fabric.plan.hosts:
+            program = PROGRAMS.get(host.kind)
+            if program is None:
+                continue
+            cmd, env = self._command(host.name, program)
+            with open(LOG_DIR / f"{host.name}.log", "w") as log:
+                self.processes[host.name] = self.fabric.node(host.name).popen(
+                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        self._wait_ready()
+
+    def _wait_ready(self) -> None:
+        deadline = time.monotonic() + READY_SECONDS
+        waiting = dict(self.processes)
+        while waiting and time.monotonic() < deadline:
+            for name, proc in list(waiting.items()):
+                if proc.poll() is not None:
+                    raise TestbedError(f"agent on {name} exited with {proc.returncode}: "
+                                       f"{self.log_tail(name)}")
+                try:
+                    call(self.fabric.plan.host(name).address("mgmt"), "ping", timeout=2)
+                    del waiting[name]
+                except OSError:
+                    pass
+            time.sleep(0.1)
+        if waiting:
+            raise TestbedError(f"agents not ready after {READY_SECONDS} s: "
+                               f"{', '.join(sorted(waiting))}; see {LOG_DIR}")
+
+    @staticmethod
+    def log_tail(host: str) -> str:
+        try:
+            lines = (LOG_DIR / f"{host}.log").read_text().strip().splitlines()
+        except OSError:
+            return "(no log)"
+        return lines[-1] if lines else "(empty log)"
+
+    def stop(self, grace: float = 5.0) -> None:
+        for proc in self.processes.values():
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+        deadline = time.monotonic() + grace
+        for proc in self.processes.values():
+            try:
+                proc.wait(timeout=max(0.0, deadline - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.processes.clear()
