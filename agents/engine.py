@@ -90,7 +90,8 @@ class EngineAgent(Agent):
 
     # -- all-to-all (model-execution traffic, EF) -------------------------------------------
     async def all_to_all(self, request: int, layer: int, total_bytes: int) -> float:
-        """Send this GPU's share of one layer's expert-parallel exchange to every peer."""
+        """One layer's expert-parallel exchange: this GPU's share goes to every peer
+        (dispatch) and comes back (combine), all of it EF."""
         if not self.peers or total_bytes <= 0:
             return 0.0
         started = time.monotonic()
@@ -100,8 +101,11 @@ class EngineAgent(Agent):
             conn = self.connection(peer.name, "cnic", ALL_TO_ALL_PORT, protocol.DSCP_EF, "a2a")
             frame = Frame(MessageType.ALL_TO_ALL, request, layer, block=request,
                           payload=kv_bytes(request, layer, share))
-            await self.exchange(conn, [frame], 1, MessageType.ACK)
+            [back] = await self.exchange(conn, [frame], 1, MessageType.ALL_TO_ALL)
+            if back.payload != frame.payload:
+                raise ProtocolError(f"all-to-all combine from {peer.name} does not verify")
             self.counters["all_to_all_bytes_sent"] += share
+            self.counters["all_to_all_bytes_received"] += len(back.payload)
 
         await asyncio.gather(*(one(p) for p in self.peers))
         return time.monotonic() - started
@@ -114,7 +118,7 @@ class EngineAgent(Agent):
                         frame.payload != kv_bytes(frame.block, frame.layer, len(frame.payload)):
                     raise ProtocolError(f"bad all-to-all frame {frame.type.name}")
                 self.counters["all_to_all_bytes_received"] += len(frame.payload)
-                await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request, frame.layer))
+                await protocol.write_frame(writer, frame)   # the combine: same bytes back
         except (ProtocolError, ConnectionError) as exc:
             self.log.warning("closing all-to-all connection from %s: %s", peer, exc)
         finally:
@@ -134,6 +138,7 @@ class EngineAgent(Agent):
         push_node = Connection(self.address(m["decode_node"], "pcie"), NODE_PORT, protocol.DSCP_CS1)
         self.unfinished[request] = sum(t for _, t in hit + miss)
         timings = {"load": 0.0, "layer_wait": 0.0, "compute": 0.0, "all_to_all": 0.0, "push": 0.0}
+        moved = {"layer_bytes": 0, "pushed_bytes": 0}    # this request's KV payload bytes
         started = time.monotonic()
         try:
             if not oracle and hit:
@@ -151,6 +156,7 @@ class EngineAgent(Agent):
                 [data] = await self.exchange(read_node, [frame], 1, MessageType.LAYER_DATA)
                 self.verifier.layer(geometry, hit, layer, data.payload)
                 self.counters["layer_bytes_received"] += len(data.payload)
+                moved["layer_bytes"] += len(data.payload)
 
             sent = hit + miss if path == "pe" else miss
             push_started = None
@@ -167,6 +173,7 @@ class EngineAgent(Agent):
                     layer_frame(geometry, sent, layer, request)]
                 await self.exchange(push_node, frames, 1, MessageType.ACK)
                 self.counters["kv_bytes_pushed"] += len(frames[-1].payload)
+                moved["pushed_bytes"] += len(frames[-1].payload)
                 timings["push"] += time.monotonic() - t
 
             loading = asyncio.create_task(load_layer(0))
@@ -190,9 +197,8 @@ class EngineAgent(Agent):
         finally:
             self.unfinished.pop(request, None)
             push_node.reset()
-        return {"seconds": time.monotonic() - started, "timings": timings,
-                "hit_layer_bytes": self.counters["layer_bytes_received"],
-                "verifier": self.verifier.stats(), "counters": dict(self.counters)}
+        return {"seconds": time.monotonic() - started, "timings": timings, **moved,
+                "verifier": self.verifier.stats()}
 
     # -- decode -----------------------------------------------------------------------------
     async def decode(self, m: dict) -> dict:
@@ -239,8 +245,7 @@ class EngineAgent(Agent):
                 "prompt_bytes": fetched, "steps": len(steps),
                 "tpot": sum(steps) / len(steps) if steps else 0.0,
                 "decode_seconds": time.monotonic() - first_token,
-                "persisted": persisted, "verifier": self.verifier.stats(),
-                "counters": dict(self.counters)}
+                "persisted": persisted, "verifier": self.verifier.stats()}
 
 
 if __name__ == "__main__":

@@ -36,7 +36,8 @@ Who sends what:
   FETCH     DE engine -> node   JSON {"request": R}: the whole prompt KV, as FULL_BLOCK frames
   PERSIST   DE engine -> node   a Full Block of generated tokens; the node writes it to
                                 storage and answers ACK
-  ALL_TO_ALL  engine <-> engine  derived bytes standing for expert-parallel traffic; ACK
+  ALL_TO_ALL  engine <-> engine  derived bytes standing for expert-parallel dispatch; the
+                                peer sends the same frame back (the combine)
   ACK, ERROR                     replies
 """
 

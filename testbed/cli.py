@@ -80,6 +80,7 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
             agents = AgentSet(fabric)
             agents.start()
             print(f"  agents running (logs: {LOG_DIR})", flush=True)
+        mark_ready()
         print(fabric_table(FabricRecord.read()), flush=True)
         print(f"up in {fabric.up_seconds:.1f} s. Ctrl-C (or `testbed fabric down`) tears it "
               f"down.", flush=True)
@@ -120,7 +121,7 @@ def _detach(args: argparse.Namespace) -> int:
             raise TestbedError(lines[-1].removeprefix("testbed: ") if lines
                                else f"the fabric owner exited with {owner.returncode}")
         record = FabricRecord.read()
-        if record and record.owner_pid == owner.pid and record.status == "up":
+        if record and record.owner_pid == owner.pid and record.status == "ready":
             print(fabric_table(record))
             print(f"up in {record.up_seconds:.1f} s, owned by pid {owner.pid} "
                   f"(log: {LOG_FILE}). `testbed fabric down` tears it down.")
@@ -129,6 +130,14 @@ def _detach(args: argparse.Namespace) -> int:
     os.kill(owner.pid, signal.SIGTERM)
     raise TestbedError(f"the fabric did not come up within {DETACH_TIMEOUT_SECONDS} s; "
                        f"see {LOG_FILE}")
+
+
+def mark_ready() -> None:
+    """The fabric is up and its agents answer: what `--detach` and tests wait for."""
+    from testbed.state import FabricRecord
+    record = FabricRecord.read()
+    record.status = "ready"
+    record.write()
 
 
 def _running_record():

@@ -65,51 +65,89 @@ def check_spec(spec: RequestSpec, plan: ClusterPlan) -> None:
             raise TestbedError(f"{field}: got {getattr(spec, field)}, expected >= 0")
 
 
-def run_request(record: FabricRecord, plan: ClusterPlan, spec: RequestSpec) -> dict:
+@dataclass(frozen=True)
+class PreparedRequest:
+    """A request's identity and blocks, before anything moved."""
+    spec: RequestSpec
+    request: int
+    profile: ModelProfile
+    geometry: Geometry
+    hit: list[Block]
+    miss: list[Block]
+    pe_node: str
+    de_node: str
+
+    @property
+    def base(self) -> int:
+        return self.request << 16
+
+
+def prepare(plan: ClusterPlan, spec: RequestSpec) -> PreparedRequest:
     check_spec(spec, plan)
-    profile: ModelProfile = load_profile(spec.model)
-    scale = plan.topology.scale
-    geometry = Geometry(profile.layers.value, profile.kv_bytes_per_token_layer.value / scale)
+    profile = load_profile(spec.model)
+    geometry = Geometry(profile.layers.value,
+                        profile.kv_bytes_per_token_layer.value / plan.topology.scale)
     request = random.randrange(1, 1 << 30)
     base = request << 16
-    hit, miss = split(spec.context, base + HIT_BLOCKS), split(spec.append, base + MISS_BLOCKS)
-    pe_node = plan.host(spec.prefill_gpu).node
-    de_node = plan.host(spec.decode_gpu).node
+    return PreparedRequest(spec, request, profile, geometry,
+                           split(spec.context, base + HIT_BLOCKS),
+                           split(spec.append, base + MISS_BLOCKS),
+                           plan.host(spec.prefill_gpu).node, plan.host(spec.decode_gpu).node)
+
+
+def storage_hosts(plan: ClusterPlan, block_id: int) -> list[str]:
+    """Where the block lives: its primary storage host first, then its replicas."""
+    return placement(block_id, [h.name for h in plan.of_kind("storage")],
+                     plan.topology.storage.replicas)
+
+
+def seed(plan: ClusterPlan, req: PreparedRequest) -> None:
+    """Write the context's KV on the storage hosts, off the network."""
+    by_host: dict[str, list[Block]] = {}
+    for block in req.hit:
+        for host in storage_hosts(plan, block[0]):
+            by_host.setdefault(host, []).append(block)
+    for host, blocks in by_host.items():
+        call(plan.host(host).address("mgmt"), "seed", geometry=req.geometry.to_json(),
+             blocks=blocks)
+
+
+def execute(record: FabricRecord, plan: ClusterPlan, req: PreparedRequest) -> dict:
+    """Prefill, then decode; the report has timings, verified bytes and counter deltas."""
+    spec, profile, geometry, scale = req.spec, req.profile, req.geometry, plan.topology.scale
     mgmt = {h.name: h.address("mgmt") for h in plan.hosts}
-    storage_hosts = [h.name for h in plan.of_kind("storage")]
-    replicas = plan.topology.storage.replicas
-
-    if hit and not spec.oracle:
-        by_host: dict[str, list[Block]] = {}
-        for block in hit:
-            for host in placement(block[0], storage_hosts, replicas):
-                by_host.setdefault(host, []).append(block)
-        for host, blocks in by_host.items():
-            call(mgmt[host], "seed", geometry=geometry.to_json(), blocks=blocks)
-
     before = counters.snapshot(record)
-    prefill = call(mgmt[spec.prefill_gpu], "prefill", request=request,
-                   geometry=geometry.to_json(), hit=hit, miss=miss, path=spec.path,
-                   read_node=pe_node if spec.path == "pe" else de_node, decode_node=de_node,
+    prefill = call(mgmt[spec.prefill_gpu], "prefill", request=req.request,
+                   geometry=geometry.to_json(), hit=req.hit, miss=req.miss, path=spec.path,
+                   read_node=req.pe_node if spec.path == "pe" else req.de_node,
+                   decode_node=req.de_node,
                    layer_seconds=profile.prefill_layer_seconds(spec.context, spec.append),
                    all_to_all_bytes=round(profile.all_to_all_bytes(spec.append) / scale),
                    oracle=spec.oracle)
-    decode = call(mgmt[spec.decode_gpu], "decode", request=request,
-                  geometry=geometry.to_json(), prompt=hit + miss, generate=spec.generate,
+    decode = call(mgmt[spec.decode_gpu], "decode", request=req.request,
+                  geometry=geometry.to_json(), prompt=req.hit + req.miss,
+                  generate=spec.generate,
                   step_seconds=profile.decode_step_seconds(spec.context + spec.append),
-                  all_to_all_bytes=round(profile.all_to_all_bytes(1) * profile.layers.value / scale),
-                  generated_block_base=base + GENERATED_BLOCKS, oracle=spec.oracle)
+                  all_to_all_bytes=round(profile.all_to_all_bytes(1) * geometry.layers / scale),
+                  generated_block_base=req.base + GENERATED_BLOCKS, oracle=spec.oracle)
     moved = counters.delta(before, counters.snapshot(record))
 
     read_back = {}
     for block_id, tokens in map(tuple, decode["persisted"]):
         expected = hashlib.sha256(geometry.full_block((block_id, tokens))).hexdigest()
-        for host in placement(block_id, storage_hosts, replicas):
+        for host in storage_hosts(plan, block_id):
             got = call(mgmt[host], "digest", block=block_id)["sha256"]
             read_back[f"{block_id}@{host}"] = got == expected
 
     return dict(
-        request=request, spec=spec.__dict__, scale=scale, geometry=geometry.to_json(),
-        hit_kv_bytes=geometry.blocks_bytes(hit), miss_kv_bytes=geometry.blocks_bytes(miss),
-        pe_node=pe_node, de_node=de_node, prefill=prefill, decode=decode,
+        request=req.request, spec=spec.__dict__, scale=scale, geometry=geometry.to_json(),
+        hit_kv_bytes=geometry.blocks_bytes(req.hit), miss_kv_bytes=geometry.blocks_bytes(req.miss),
+        pe_node=req.pe_node, de_node=req.de_node, prefill=prefill, decode=decode,
         counters={"/".join(k): v for k, v in moved.items() if v}, read_back=read_back)
+
+
+def run_request(record: FabricRecord, plan: ClusterPlan, spec: RequestSpec) -> dict:
+    req = prepare(plan, spec)
+    if not spec.oracle:
+        seed(plan, req)
+    return execute(record, plan, req)

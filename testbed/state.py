@@ -67,7 +67,7 @@ class FabricRecord:
     name: str
     backend: str
     owner_pid: int
-    status: str                    # "starting" or "up"
+    status: str                    # "starting", "up" (network), "ready" (agents answer too)
     topology_json: str = ""        # the validated topology, overrides applied
     started_at: float = field(default_factory=time.time)
     up_seconds: float | None = None

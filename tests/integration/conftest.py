@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from testbed.agentset import AgentSet
 from testbed.fabric import Fabric
 from testbed.plan import build_plan
 from testbed.topology import Topology, load_topology
@@ -26,16 +27,25 @@ def topology(name: str, **overrides) -> Topology:
 
 
 class RunningFabric:
-    """A fabric for one test module, torn down whatever happens."""
+    """A fabric (and, if asked, its agents) for one test module, torn down whatever happens."""
 
-    def __init__(self, topo: Topology):
+    def __init__(self, topo: Topology, agents: bool = False):
         self.fabric = Fabric(build_plan(topo))
+        self.agents = AgentSet(self.fabric) if agents else None
 
     def __enter__(self) -> Fabric:
         self.fabric.up()
+        try:
+            if self.agents:
+                self.agents.start()
+        except BaseException:
+            self.fabric.down()
+            raise
         return self.fabric
 
     def __exit__(self, *exc) -> None:
+        if self.agents:
+            self.agents.stop()
         self.fabric.down()
 
 

@@ -23,15 +23,15 @@ def run_testbed(*args: str, **kwargs) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=UP_TIMEOUT, **kwargs)
 
 
-def start_foreground(topology: str, backend: str) -> subprocess.Popen:
+def start_foreground(topology: str, backend: str, *extra: str) -> subprocess.Popen:
     proc = subprocess.Popen(
         [sys.executable, "-m", "testbed", "fabric", "up", str(TOPOLOGIES / topology),
-         "--backend", backend], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+         "--backend", backend, *extra], cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
         text=True)
     deadline = time.monotonic() + UP_TIMEOUT
     while time.monotonic() < deadline:
         record = FabricRecord.read()
-        if record and record.owner_pid == proc.pid and record.status == "up":
+        if record and record.owner_pid == proc.pid and record.status == "ready":
             return proc
         assert proc.poll() is None, f"fabric up exited early: {proc.stdout.read()}"
         time.sleep(0.2)
