@@ -84,12 +84,19 @@ def test_detached_fabric_status_exec_and_down():
     assert "n0g0" in up.stdout and "cnic" in up.stdout
     try:
         status = run_testbed("fabric", "status")
-        assert status.returncode == 0 and "up" in status.stdout
+        assert status.returncode == 0 and "mini: ready" in status.stdout
         gpu = run_testbed("fabric", "exec", "n0g0", "--", "ip", "-o", "-4", "addr", "show", "cnic")
         assert gpu.returncode == 0 and "198.18.0.1/16" in gpu.stdout
         assert run_testbed("fabric", "exec", "n0g0", "--", "false").returncode == 1
         missing = run_testbed("fabric", "exec", "nohost", "--", "true")
         assert missing.returncode == 2 and "no host 'nohost'" in missing.stderr
+        req = run_testbed("request", "--context", "1024", "--append", "64", "--generate", "64")
+        assert req.returncode == 0, req.stderr
+        assert "read back identical" in req.stdout and "0 corrupt bytes" in req.stdout
+        wrong = run_testbed("request", "--prefill-gpu", "n1g0")
+        assert wrong.returncode == 2
+        assert wrong.stderr.strip() == ("testbed: prefill_gpu: got 'n1g0' (decode gpu), "
+                                        "expected a prefill GPU")
         again = run_testbed("fabric", "up", str(TOPOLOGIES / "mini.yaml"), "--detach")
         assert again.returncode == 2 and "already up" in again.stderr
     finally:
