@@ -4,7 +4,7 @@ TESTBED := $(VENV)/bin/testbed
 PYTEST := $(VENV)/bin/pytest
 TOPOLOGY ?= topologies/1p1d.yaml
 
-.PHONY: help setup test test-unit fabric-up fabric-down clean bench-fabric
+.PHONY: help setup test test-unit fabric-up fabric-down clean bench-fabric bench-dataplane
 
 help:
 	@echo "make setup          install packages, the Docker daemon, the virtualenv, the agent image"
@@ -13,6 +13,7 @@ help:
 	@echo "make fabric-up      bring TOPOLOGY (default $(TOPOLOGY)) up until Ctrl-C"
 	@echo "make clean          remove every leftover of earlier runs"
 	@echo "make bench-fabric   link rates against iperf3, isolation shares, startup/teardown times"
+	@echo "make bench-dataplane agent throughput against iperf3, CPU per GB, where the CPU limits"
 
 setup:
 	@bash scripts/setup.sh
@@ -34,3 +35,6 @@ clean:
 
 bench-fabric:
 	$(VENV)/bin/python -m testbed.bench.fabric
+
+bench-dataplane:
+	$(VENV)/bin/python -m testbed.bench.dataplane

@@ -112,28 +112,40 @@ def seed(plan: ClusterPlan, req: PreparedRequest) -> None:
              blocks=blocks)
 
 
+def prefill(plan: ClusterPlan, req: PreparedRequest) -> dict:
+    """Run the request's prefill on its prefill GPU (times from the profile, bytes scaled)."""
+    spec, profile, scale = req.spec, req.profile, plan.topology.scale
+    return call(plan.host(spec.prefill_gpu).address("mgmt"), "prefill", request=req.request,
+                geometry=req.geometry.to_json(), hit=req.hit, miss=req.miss, path=spec.path,
+                read_node=req.pe_node if spec.path == "pe" else req.de_node,
+                decode_node=req.de_node,
+                layer_seconds=profile.prefill_layer_seconds(spec.context, spec.append),
+                all_to_all_bytes=round(profile.all_to_all_bytes(spec.append) / scale),
+                oracle=spec.oracle)
+
+
+def decode(plan: ClusterPlan, req: PreparedRequest) -> dict:
+    """Run the request's decode on its decode GPU, once its prompt KV is on the way."""
+    spec, profile, scale = req.spec, req.profile, plan.topology.scale
+    return call(plan.host(spec.decode_gpu).address("mgmt"), "decode", request=req.request,
+                geometry=req.geometry.to_json(), prompt=req.hit + req.miss,
+                generate=spec.generate,
+                step_seconds=profile.decode_step_seconds(spec.context + spec.append),
+                all_to_all_bytes=round(profile.all_to_all_bytes(1) * req.geometry.layers / scale),
+                generated_block_base=req.base + GENERATED_BLOCKS, oracle=spec.oracle)
+
+
 def execute(record: FabricRecord, plan: ClusterPlan, req: PreparedRequest) -> dict:
     """Prefill, then decode; the report has timings, verified bytes and counter deltas."""
-    spec, profile, geometry, scale = req.spec, req.profile, req.geometry, plan.topology.scale
+    spec, geometry, scale = req.spec, req.geometry, plan.topology.scale
     mgmt = {h.name: h.address("mgmt") for h in plan.hosts}
     before = counters.snapshot(record)
-    prefill = call(mgmt[spec.prefill_gpu], "prefill", request=req.request,
-                   geometry=geometry.to_json(), hit=req.hit, miss=req.miss, path=spec.path,
-                   read_node=req.pe_node if spec.path == "pe" else req.de_node,
-                   decode_node=req.de_node,
-                   layer_seconds=profile.prefill_layer_seconds(spec.context, spec.append),
-                   all_to_all_bytes=round(profile.all_to_all_bytes(spec.append) / scale),
-                   oracle=spec.oracle)
-    decode = call(mgmt[spec.decode_gpu], "decode", request=req.request,
-                  geometry=geometry.to_json(), prompt=req.hit + req.miss,
-                  generate=spec.generate,
-                  step_seconds=profile.decode_step_seconds(spec.context + spec.append),
-                  all_to_all_bytes=round(profile.all_to_all_bytes(1) * geometry.layers / scale),
-                  generated_block_base=req.base + GENERATED_BLOCKS, oracle=spec.oracle)
+    prefilled = prefill(plan, req)
+    decoded = decode(plan, req)
     moved = counters.delta(before, counters.snapshot(record))
 
     read_back = {}
-    for block_id, tokens in map(tuple, decode["persisted"]):
+    for block_id, tokens in map(tuple, decoded["persisted"]):
         expected = hashlib.sha256(geometry.full_block((block_id, tokens))).hexdigest()
         for host in storage_hosts(plan, block_id):
             got = call(mgmt[host], "digest", block=block_id)["sha256"]
@@ -142,7 +154,7 @@ def execute(record: FabricRecord, plan: ClusterPlan, req: PreparedRequest) -> di
     return dict(
         request=req.request, spec=spec.__dict__, scale=scale, geometry=geometry.to_json(),
         hit_kv_bytes=geometry.blocks_bytes(req.hit), miss_kv_bytes=geometry.blocks_bytes(req.miss),
-        pe_node=req.pe_node, de_node=req.de_node, prefill=prefill, decode=decode,
+        pe_node=req.pe_node, de_node=req.de_node, prefill=prefilled, decode=decoded,
         counters={"/".join(k): v for k, v in moved.items() if v}, read_back=read_back)
 
 
