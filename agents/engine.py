@@ -138,14 +138,15 @@ class EngineAgent(Agent):
         push_node = Connection(self.address(m["decode_node"], "pcie"), NODE_PORT, protocol.DSCP_CS1)
         self.unfinished[request] = sum(t for _, t in hit + miss)
         timings = {"load": 0.0, "layer_wait": 0.0, "compute": 0.0, "all_to_all": 0.0, "push": 0.0}
-        moved = {"layer_bytes": 0, "pushed_bytes": 0}    # this request's KV payload bytes
+        moved = {"layer_bytes": 0, "pushed_bytes": 0, "load_window": None}  # this request's KV
         started = time.monotonic()
         try:
             if not oracle and hit:
-                t = time.monotonic()
+                t, wall = time.monotonic(), time.time()
                 await self.exchange(read_node, [protocol.control(MessageType.LOAD, {
                     "geometry": geometry.to_json(), "blocks": hit}, request)], 1, MessageType.ACK)
                 timings["load"] = time.monotonic() - t
+                moved["load_window"] = [wall, time.time()]   # wall clock: comparable across hosts
 
             async def load_layer(layer: int) -> None:
                 if oracle or not hit:
@@ -209,7 +210,7 @@ class EngineAgent(Agent):
         oracle = bool(m.get("oracle"))
         node = self.connection(self.host.node, "pcie", NODE_PORT, protocol.DSCP_CS1, "decode")
         self.unfinished[request] = sum(t for _, t in prompt) + generate
-        started = time.monotonic()
+        started, started_wall = time.monotonic(), time.time()
         fetched = 0
         try:
             if not oracle:
@@ -222,7 +223,7 @@ class EngineAgent(Agent):
                 if frames[-1].type != MessageType.ACK or len(frames) != len(prompt) + 1:
                     raise ProtocolError(f"request {request}: prompt fetch ended early")
                 self.counters["prompt_bytes_fetched"] += fetched
-            h2d = time.monotonic() - started
+            h2d, h2d_window = time.monotonic() - started, [started_wall, time.time()]
             first_token = time.monotonic()
             steps, persisted = [], []
             base = int(m["generated_block_base"])
@@ -241,7 +242,7 @@ class EngineAgent(Agent):
                     persisted.append(block)
         finally:
             self.unfinished.pop(request, None)
-        return {"seconds": time.monotonic() - started, "h2d_seconds": h2d,
+        return {"seconds": time.monotonic() - started, "h2d_seconds": h2d, "h2d_window": h2d_window,
                 "prompt_bytes": fetched, "steps": len(steps),
                 "tpot": sum(steps) / len(steps) if steps else 0.0,
                 "decode_seconds": time.monotonic() - first_token,

@@ -45,7 +45,6 @@ from __future__ import annotations
 
 import asyncio
 import enum
-import hashlib
 import json
 import random
 import socket
@@ -122,16 +121,17 @@ _PATTERN = random.Random(0x4450).randbytes(2 * _PATTERN_SIZE)
 
 
 def _offset(block: int, layer: int) -> int:
-    digest = hashlib.blake2b(struct.pack("!QH", block, layer), digest_size=4).digest()
-    return int.from_bytes(digest, "big") % _PATTERN_SIZE
+    return zlib.crc32(struct.pack("!QH", block, layer)) % _PATTERN_SIZE
 
 
 def kv_bytes(block: int, layer: int, length: int) -> bytes:
     """The bytes of layer `layer` of block `block`: a window into a fixed random pattern,
     placed by a hash of the identity, stamped with the identity itself."""
     stamp = struct.pack("!QH", block, layer)
-    body = bytearray(stamp[:length])
     start = _offset(block, layer)
+    if length <= _PATTERN_SIZE:   # the common case, in one copy
+        return (stamp + _PATTERN[start:start + length])[:length]
+    body = bytearray(stamp)
     while len(body) < length:
         take = min(length - len(body), _PATTERN_SIZE)
         body += _PATTERN[start:start + take]

@@ -1,8 +1,9 @@
 """The storage agent: Full Blocks in real files on disk, served over the storage fabric.
 
-Each block lives in DATA/<id>.kv with its CRC-32 in DATA/<id>.crc. Reads check the file
-against its checksum before a byte leaves, then send it with sendfile; a missing or damaged
-block is answered with ERROR and a reason, never with garbage. Writes land in a temporary
+Each block lives in DATA/<id>.kv: its CRC-32, then the Full Block. Reads check the file
+against its checksum before a byte leaves, then send it (sendfile for blocks of 1 MiB and
+more, a plain write below); a missing or damaged block is answered with ERROR and a reason,
+never with garbage. Writes land in a temporary
 file and are renamed into place, so a reader never sees half a block.
 """
 
@@ -12,7 +13,7 @@ import asyncio
 import hashlib
 import mmap
 import os
-import socket
+import struct
 import zlib
 from pathlib import Path
 
@@ -23,6 +24,9 @@ from agents.runtime import Agent, run
 
 STORAGE_PORT = 7001
 DATA_ROOT = Path("/var/tmp/dualpath-testbed")
+CRC = struct.Struct("!I")      # a block file is its CRC-32, then the Full Block
+# Below this a read and a write cost less than a sendfile round trip through the event loop.
+SENDFILE_MIN = 1 << 20
 
 
 class BlockMissing(Exception):
@@ -56,51 +60,55 @@ class StorageAgent(Agent):
             self._store(block[0], geometry.full_block(block))
         return {"seeded": len(blocks)}
 
-    async def digest(self, message: dict) -> dict:
-        """The SHA-256 of a stored block, read back from disk."""
-        kv, _ = self._paths(int(message["block"]))
-        try:
-            return {"sha256": hashlib.sha256(kv.read_bytes()).hexdigest()}
-        except FileNotFoundError:
-            raise BlockMissing(f"block {message['block']} not found on {self.host.name}") from None
-
     # -- files ------------------------------------------------------------------------------
-    def _paths(self, block_id: int) -> tuple[Path, Path]:
-        return self.data / f"{block_id}.kv", self.data / f"{block_id}.crc"
+    def _path(self, block_id: int) -> Path:
+        return self.data / f"{block_id}.kv"
 
     def _store(self, block_id: int, payload: bytes) -> None:
-        kv, crc = self._paths(block_id)
-        for path, content in ((kv, payload), (crc, str(zlib.crc32(payload)).encode())):
-            tmp = path.with_suffix(path.suffix + ".tmp")
-            tmp.write_bytes(content)
-            os.replace(tmp, path)
+        path = self._path(block_id)
+        tmp = path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(CRC.pack(zlib.crc32(payload)))
+            f.write(payload)
+        os.replace(tmp, path)
 
-    def _checked(self, block_id: int, length: int) -> tuple[int, int]:
-        """(file descriptor, checksum) of a block whose file is whole and undamaged."""
-        kv, crc = self._paths(block_id)
+    def _open_checked(self, block_id: int, length: int) -> tuple[int, int, bytes | None]:
+        """(fd, checksum, payload) of a block whose file is whole and undamaged; the payload
+        is read only for blocks small enough to send by a plain write."""
         try:
-            fd = os.open(kv, os.O_RDONLY)
+            fd = os.open(self._path(block_id), os.O_RDONLY)
         except FileNotFoundError:
             raise BlockMissing(f"block {block_id} not found on {self.host.name}") from None
         try:
             size = os.fstat(fd).st_size
-            if size != length:
+            if size != CRC.size + length:
                 raise BlockMissing(f"block {block_id} on {self.host.name} is damaged: "
-                                   f"{size} bytes on disk, expected {length}")
-            with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
-                actual = zlib.crc32(view)
-            try:
-                recorded = int(crc.read_text())
-            except (OSError, ValueError):
-                raise BlockMissing(f"block {block_id} on {self.host.name} has no checksum") \
-                    from None
+                                   f"{size - CRC.size} bytes on disk, expected {length}")
+            if length < SENDFILE_MIN:
+                data = os.pread(fd, size, 0)
+                [recorded], payload = CRC.unpack_from(data), data[CRC.size:]
+                actual = zlib.crc32(payload)
+            else:
+                payload = None
+                with mmap.mmap(fd, size, prot=mmap.PROT_READ) as view:
+                    [recorded] = CRC.unpack_from(view)
+                    with memoryview(view)[CRC.size:] as body:
+                        actual = zlib.crc32(body)
             if actual != recorded:
                 raise BlockMissing(f"block {block_id} on {self.host.name} is damaged: "
                                    f"checksum mismatch")
-            return fd, actual
+            return fd, actual, payload
         except BaseException:
             os.close(fd)
             raise
+
+    async def digest(self, message: dict) -> dict:
+        """The SHA-256 of a stored block's bytes, read back from disk."""
+        try:
+            data = self._path(int(message["block"])).read_bytes()
+        except FileNotFoundError:
+            raise BlockMissing(f"block {message['block']} not found on {self.host.name}") from None
+        return {"sha256": hashlib.sha256(data[CRC.size:]).hexdigest()}
 
     # -- serving ----------------------------------------------------------------------------
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -124,33 +132,29 @@ class StorageAgent(Agent):
             writer.close()
 
     async def _read(self, frame: Frame, writer: asyncio.StreamWriter) -> None:
+        """One FULL_BLOCK per requested block, in order; at the first block that is missing
+        or damaged, an ERROR with the reason instead, and nothing more."""
         body = frame.json()
         geometry = Geometry.from_json(body.get("geometry"))
-        sock = writer.get_extra_info("socket")
-        # Corked, each header leaves in the same packet as its block (sent by sendfile).
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 1)
-        try:
-            await self._send_blocks(frame, geometry, parse_blocks(body.get("blocks")), writer)
-        finally:
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_CORK, 0)
-
-    async def _send_blocks(self, frame: Frame, geometry: Geometry, blocks,
-                           writer: asyncio.StreamWriter) -> None:
         loop = asyncio.get_running_loop()
-        for block_id, tokens in blocks:
+        for block_id, tokens in parse_blocks(body.get("blocks")):
             length = geometry.full_block_bytes(tokens)
             try:
-                fd, checksum = self._checked(block_id, length)
+                fd, checksum, payload = self._open_checked(block_id, length)
             except BlockMissing as exc:
                 self.served["errors"] += 1
                 self.log.warning("read of request %d: %s", frame.request, exc)
                 await protocol.write_frame(writer, protocol.error(str(exc), frame.request))
                 return
+            header = HEADER.pack(MAGIC, VERSION, MessageType.FULL_BLOCK, frame.request,
+                                 ALL_LAYERS, block_id, length, checksum, 1)
             with os.fdopen(fd, "rb") as f:
-                writer.write(HEADER.pack(MAGIC, VERSION, MessageType.FULL_BLOCK, frame.request,
-                                         ALL_LAYERS, block_id, length, checksum, 1))
-                await writer.drain()
-                await loop.sendfile(writer.transport, f, 0, length)
+                if payload is not None:
+                    writer.writelines([header, payload])
+                    await writer.drain()
+                else:
+                    writer.write(header)
+                    await loop.sendfile(writer.transport, f, CRC.size, length)
             self.served["read_blocks"] += 1
             self.served["read_bytes"] += length
 
