@@ -15,7 +15,10 @@ HEADERS = 0.10   # protocol frames, TCP/IP headers and acknowledgements
 
 @pytest.fixture(scope="module")
 def cluster():
-    with RunningFabric(topology("1p1d", backend="docker"), agents=True) as fabric:
+    """1P1D on the docker backend, every block stored twice (on st0 and st1)."""
+    topo = topology("1p1d", backend="docker")
+    topo = topo.model_copy(update={"storage": topo.storage.model_copy(update={"replicas": 2})})
+    with RunningFabric(topo, agents=True) as fabric:
         yield fabric
 
 
@@ -44,6 +47,10 @@ def test_bytes_verify_and_counters_prove_the_path(cluster, path):
     assert len(r["decode"]["persisted"]) == 176 // 64
     assert r["read_back"] and all(r["read_back"].values()), r["read_back"]
 
+    print(f"{path}: header overhead on the read SNIC "
+          f"{c[f'{read_node}/snic/rx'] / hit - 1:.1%}, on the prefill CNIC (low class) "
+          f"{c['n0g0/cnic/rx/low'] / hit - 1:.1%}, on the decode CNIC (low class) "
+          f"{c['n1g0/cnic/rx/low'] / (hit + miss) - 1:.1%}")
     # The read side's SNIC received the hit KV; the other node's SNIC read nothing.
     assert near(c.get(f"{read_node}/snic/rx", 0), hit), c
     assert c.get(f"{other_node}/snic/rx", 0) < 0.05 * hit, c
@@ -61,6 +68,24 @@ def test_bytes_verify_and_counters_prove_the_path(cluster, path):
     assert near(c.get("n1g0/cnic/rx/low", 0), hit + miss), c
 
 
+def damage(fabric, host: str, block_id: int) -> None:
+    """Overwrite four bytes in the middle of a stored block, as a failing disk would."""
+    fabric.node(host).cmd(f"printf XXXX | dd of={DATA_ROOT}/{host}/{block_id}.kv "
+                          f"bs=1 seek=100 conv=notrunc 2>/dev/null")
+
+
+def test_oracle_moves_no_kv(cluster):
+    r = request(cluster, "pe", oracle=True)
+    c = r["counters"]
+    assert r["prefill"]["layer_bytes"] == r["prefill"]["pushed_bytes"] == 0
+    assert r["decode"]["prompt_bytes"] == 0 and r["decode"]["persisted"] == []
+    for node in ("n0", "n1"):   # at most an ARP exchange
+        assert c.get(f"{node}/snic/rx", 0) < 0.001 * r["hit_kv_bytes"], c
+    assert c.get("n0g0/cnic/rx/low", 0) < 0.01 * r["hit_kv_bytes"]
+    assert c.get("n0g0/cnic/tx/high", 0) > 0           # the all-to-all still runs
+    assert r["decode"]["steps"] == 176
+
+
 def test_missing_and_damaged_blocks_give_clear_errors(cluster):
     """A read of a block that does not exist, or whose file was damaged on disk, fails
     with a reason; the storage agent keeps serving everyone else."""
@@ -71,12 +96,20 @@ def test_missing_and_damaged_blocks_give_clear_errors(cluster):
     with pytest.raises(RuntimeError, match=r"block \d+ not found on st\d"):
         execute(record, plan, unseeded)
 
+    # Damage the primary copy of a block: the read is served from its replica.
+    one_copy = prepare(plan, spec)
+    seed(plan, one_copy)
+    primary = storage_hosts(plan, one_copy.hit[0][0])[0]
+    damage(cluster, primary, one_copy.hit[0][0])
+    survived = execute(record, plan, one_copy)
+    assert survived["decode"]["prompt_bytes"] == survived["hit_kv_bytes"] + survived["miss_kv_bytes"]
+
+    # Damage both copies: the read fails, naming the block and what is wrong with it.
     damaged = prepare(plan, spec)
     seed(plan, damaged)
     block_id = damaged.hit[0][0]
-    for host in storage_hosts(plan, block_id):   # flip bytes in the middle of the file
-        cluster.node(host).cmd(f"printf XXXX | dd of={DATA_ROOT}/{host}/{block_id}.kv "
-                               f"bs=1 seek=100 conv=notrunc 2>/dev/null")
+    for host in storage_hosts(plan, block_id):
+        damage(cluster, host, block_id)
     with pytest.raises(RuntimeError, match=rf"block {block_id} on st\d is damaged"):
         execute(record, plan, damaged)
 
