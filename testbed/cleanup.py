@@ -4,12 +4,15 @@ The same routine ends a normal run and recovers from a crashed or killed one:
   - the owner of a recorded fabric, if it still runs, is asked to stop and then killed;
   - containers labelled dualpath.testbed;
   - processes carrying HOST_MARKER in their environment (host shells and what they ran);
-  - root-namespace links and bridges whose names start with our bridge names.
+  - root-namespace links and bridges whose names start with our bridge names;
+  - the storage agents' block files of netns hosts (docker hosts keep theirs inside the
+    container, which goes with it).
 """
 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -17,6 +20,7 @@ from pathlib import Path
 from pyroute2 import IPRoute
 from pyroute2.netlink.exceptions import NetlinkError
 
+from agents.storage import DATA_ROOT
 from testbed.hosts import CONTAINER_LABEL, HOST_MARKER, remove_containers
 from testbed.plan import BRIDGES
 from testbed.state import FabricRecord, fabric_running, pid_alive, remove_record
@@ -95,5 +99,8 @@ def remove_leftovers(containers=None) -> dict[str, int]:
                 ipr.link("del", ifname=name)
             except NetlinkError:
                 pass   # went with its peer
+    if DATA_ROOT.exists():
+        found["storage dirs"] = sum(1 for _ in DATA_ROOT.iterdir())
+        shutil.rmtree(DATA_ROOT, ignore_errors=True)
     remove_record()
     return found

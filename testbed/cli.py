@@ -211,7 +211,7 @@ def cmd_clean(args: argparse.Namespace) -> int:
     from testbed import cleanup
     found = cleanup.remove_leftovers()
     if any(found.values()):
-        print("removed " + ", ".join(f"{n} {kind}" for kind, n in found.items()))
+        print("removed " + ", ".join(f"{n} {kind}" for kind, n in found.items() if n))
     else:
         print("nothing to clean")
     return 0

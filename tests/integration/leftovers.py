@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
+from agents.storage import DATA_ROOT
 from testbed.hosts import HOST_MARKER
 from testbed.state import STATE_FILE
 
@@ -25,6 +26,8 @@ def find_leftovers() -> dict[str, list[str]]:
                             capture_output=True, text=True).stdout.split()
     if marked:
         found["processes"] = marked
+    if DATA_ROOT.exists():
+        found["storage files"] = [str(DATA_ROOT)]
     if STATE_FILE.exists():
         found["state file"] = [str(STATE_FILE)]
     return found
