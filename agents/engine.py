@@ -84,8 +84,9 @@ class EngineAgent(Agent):
                 for frame in frames:
                     await protocol.write_frame(writer, frame)
                 return [await protocol.expect(reader, *types) for _ in range(replies)]
-            except (ProtocolError, ConnectionError, asyncio.IncompleteReadError):
-                conn.reset()
+            except (ProtocolError, ConnectionError, asyncio.IncompleteReadError,
+                    asyncio.CancelledError):
+                conn.reset()   # replies may be left unread: the stream is out of step
                 raise
 
     # -- all-to-all (model-execution traffic, EF) -------------------------------------------
@@ -140,6 +141,7 @@ class EngineAgent(Agent):
         timings = {"load": 0.0, "layer_wait": 0.0, "compute": 0.0, "all_to_all": 0.0, "push": 0.0}
         moved = {"layer_bytes": 0, "pushed_bytes": 0, "load_window": None}  # this request's KV
         started = time.monotonic()
+        loading = pushing = None
         try:
             if not oracle and hit:
                 t, wall = time.monotonic(), time.time()
@@ -158,7 +160,9 @@ class EngineAgent(Agent):
                 self.verifier.layer(geometry, hit, layer, data.payload)
                 self.counters["layer_bytes_received"] += len(data.payload)
                 moved["layer_bytes"] += len(data.payload)
+                received[layer] = data.payload
 
+            received: dict[int, bytes] = {}   # hit KV per layer, as it arrived in "HBM"
             sent = hit + miss if path == "pe" else miss
             push_started = None
             if not oracle and sent:
@@ -170,8 +174,13 @@ class EngineAgent(Agent):
                 if push_started is None:
                     return
                 t = time.monotonic()
-                frames = ([push_started] if first else []) + [
-                    layer_frame(geometry, sent, layer, request)]
+                # The layer's KV leaves "HBM": on the PE path the hit KV it received, then
+                # the miss KV it computed; on the DE path the miss KV only.
+                data = layer_frame(geometry, miss, layer, request)
+                if path == "pe" and hit:
+                    data.payload = received.pop(layer, b"") + data.payload
+                    data.block, data.count = sent[0][0], len(sent)
+                frames = ([push_started] if first else []) + [data]
                 await self.exchange(push_node, frames, 1, MessageType.ACK)
                 self.counters["kv_bytes_pushed"] += len(frames[-1].payload)
                 moved["pushed_bytes"] += len(frames[-1].payload)
@@ -196,6 +205,9 @@ class EngineAgent(Agent):
             if pushing:
                 await pushing
         finally:
+            for task in (loading, pushing):
+                if task is not None and not task.done():
+                    task.cancel()
             self.unfinished.pop(request, None)
             push_node.reset()
         return {"seconds": time.monotonic() - started, "timings": timings, **moved,

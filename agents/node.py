@@ -200,7 +200,11 @@ class NodeAgent(Agent):
         body = frame.json()
         geometry, blocks = Geometry.from_json(body["geometry"]), parse_blocks(body["blocks"])
         started = time.monotonic()
-        fulls = await self.read_blocks(frame.request, geometry, blocks)
+        try:
+            fulls = await self.read_blocks(frame.request, geometry, blocks)
+        except BaseException:
+            await self.drop(frame.request)   # give its DRAM back
+            raise
         prompt = self.prompt(frame.request)
         prompt.fulls.update(fulls)
         prompt.loaded, prompt.geometry = blocks, geometry
