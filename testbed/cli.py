@@ -111,6 +111,7 @@ def _detach(args: argparse.Namespace) -> int:
         cmd.append("--no-agents")
     if args.backend:
         cmd += ["--backend", args.backend]
+    spawned = time.monotonic()
     with open(LOG_FILE, "w") as log:
         owner = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
                                  start_new_session=True)
@@ -123,8 +124,9 @@ def _detach(args: argparse.Namespace) -> int:
         record = FabricRecord.read()
         if record and record.owner_pid == owner.pid and record.status == "ready":
             print(fabric_table(record))
-            print(f"up in {record.up_seconds:.1f} s, owned by pid {owner.pid} "
-                  f"(log: {LOG_FILE}). `testbed fabric down` tears it down.")
+            print(f"ready in {time.monotonic() - spawned:.1f} s (network {record.up_seconds:.1f} s),"
+                  f" owned by pid {owner.pid} (log: {LOG_FILE}). `testbed fabric down` tears it "
+                  f"down.")
             return 0
         time.sleep(0.2)
     os.kill(owner.pid, signal.SIGTERM)
