@@ -23,6 +23,7 @@ from agents.kv import Block, Geometry, Verifier, full_block_frame, layer_frame, 
 from agents.node import NODE_PORT
 from agents.protocol import Frame, MessageType, ProtocolError, kv_bytes
 from agents.runtime import Agent, run
+from testbed.profile import load_profile
 
 ALL_TO_ALL_PORT = 7004
 PERSIST_TOKENS = 64          # decode persists a block every 64 generated tokens (paper §3.3)
@@ -57,6 +58,10 @@ class EngineAgent(Agent):
         self.peers = [h for h in self.plan.of_kind("gpu")
                       if h.role == self.role and h.name != self.host.name]
         self.unfinished: dict[int, int] = {}      # request -> tokens
+        self.scale = self.plan.topology.scale
+        self.gpu = asyncio.Lock()                 # one GPU: compute runs one kernel at a time
+        self.batch: dict[int, DecodeJob] = {}     # decode: the requests stepping together
+        self.stepping: asyncio.Task | None = None
         self.counters = {"layer_bytes_received": 0, "kv_bytes_pushed": 0,
                          "prompt_bytes_fetched": 0, "persisted_bytes": 0,
                          "all_to_all_bytes_sent": 0, "all_to_all_bytes_received": 0}
@@ -70,6 +75,9 @@ class EngineAgent(Agent):
         return {**self.counters, **self.verifier.stats(), "role": self.role,
                 "unfinished_requests": len(self.unfinished),
                 "unfinished_tokens": sum(self.unfinished.values())}
+
+    def geometry(self, profile) -> Geometry:
+        return Geometry(profile.layers.value, profile.kv_bytes_per_token_layer.value / self.scale)
 
     def connection(self, host: str, intf: str, port: int, dscp: int, purpose: str) -> Connection:
         key = (host, port, purpose)
@@ -127,10 +135,14 @@ class EngineAgent(Agent):
 
     # -- prefill ----------------------------------------------------------------------------
     async def prefill(self, m: dict) -> dict:
-        """m: request, geometry, hit, miss (blocks), path ('pe'|'de'), read_node,
-        decode_node, layer_seconds, all_to_all_bytes (per layer, emulated), oracle."""
-        request, geometry = int(m["request"]), Geometry.from_json(m["geometry"])
+        """m: request, model, hit, miss (blocks), path ('pe'|'de'), read_node, decode_node,
+        oracle. Compute time and all-to-all bytes come from the model profile."""
+        request, profile = int(m["request"]), load_profile(m["model"])
+        geometry = self.geometry(profile)
         hit, miss = parse_blocks(m["hit"]), parse_blocks(m["miss"])
+        context, append = sum(t for _, t in hit), sum(t for _, t in miss)
+        layer_seconds = profile.prefill_layer_seconds(context, append)
+        a2a_bytes = round(profile.all_to_all_bytes(append) / self.scale)
         oracle, path = bool(m.get("oracle")), m["path"]
         if path not in ("pe", "de"):
             raise ValueError(f"path: got {path!r}, expected 'pe' or 'de'")
@@ -195,10 +207,10 @@ class EngineAgent(Agent):
                 if layer + 1 < geometry.layers:
                     loading = asyncio.create_task(load_layer(layer + 1))
                 t = time.monotonic()
-                await asyncio.sleep(float(m["layer_seconds"]))
+                async with self.gpu:
+                    await asyncio.sleep(layer_seconds)
                 timings["compute"] += time.monotonic() - t
-                timings["all_to_all"] += await self.all_to_all(request, layer,
-                                                               int(m["all_to_all_bytes"]))
+                timings["all_to_all"] += await self.all_to_all(request, layer, a2a_bytes)
                 if pushing:
                     await pushing
                 pushing = asyncio.create_task(push_layer(layer, layer == 0))
@@ -215,21 +227,27 @@ class EngineAgent(Agent):
 
     # -- decode -----------------------------------------------------------------------------
     async def decode(self, m: dict) -> dict:
-        """m: request, geometry, prompt (blocks), generate (tokens), step_seconds,
-        all_to_all_bytes (per step, emulated), generated_block_base (first block id), oracle."""
-        request, geometry = int(m["request"]), Geometry.from_json(m["geometry"])
+        """m: request, model, prompt (blocks), generate (tokens), generated_block_base
+        (first block id for persisted blocks), oracle. Returns once the request's last token
+        is generated; every step runs the whole batch of this engine's decoding requests."""
+        request, profile = int(m["request"]), load_profile(m["model"])
+        geometry = self.geometry(profile)
         prompt, generate = parse_blocks(m["prompt"]), int(m["generate"])
         oracle = bool(m.get("oracle"))
-        node = self.connection(self.host.node, "pcie", NODE_PORT, protocol.DSCP_CS1, "decode")
         self.unfinished[request] = sum(t for _, t in prompt) + generate
         started, started_wall = time.monotonic(), time.time()
-        fetched = 0
+        fetched = verify_seconds = 0
         try:
-            verify_seconds = 0.0
             if not oracle:
-                frames = await self.exchange(node, [protocol.control(MessageType.FETCH, {
-                    "geometry": geometry.to_json()}, request)],
-                    len(prompt) + 1, MessageType.FULL_BLOCK, MessageType.ACK)
+                # A fetch waits until the prompt KV is complete: a connection of its own.
+                node = Connection(self.address(self.host.node, "pcie"), NODE_PORT,
+                                  protocol.DSCP_CS1)
+                try:
+                    frames = await self.exchange(node, [protocol.control(MessageType.FETCH, {
+                        "geometry": geometry.to_json()}, request)],
+                        len(prompt) + 1, MessageType.FULL_BLOCK, MessageType.ACK)
+                finally:
+                    node.reset()
                 arrived = time.monotonic()
                 if frames[-1].type != MessageType.ACK:
                     raise ProtocolError(f"request {request}: prompt fetch ended early")
@@ -240,31 +258,78 @@ class EngineAgent(Agent):
                 self.counters["prompt_bytes_fetched"] += fetched
             # The H2D is the copy; checking every byte is the testbed's, not the GPU's, work.
             h2d = time.monotonic() - started - verify_seconds
-            h2d_window = [started_wall, started_wall + h2d]
-            first_token = time.monotonic()
-            steps, persisted = [], []
-            base = int(m["generated_block_base"])
-            for token in range(1, generate + 1):
-                t = time.monotonic()
-                await asyncio.sleep(float(m["step_seconds"]))
-                await self.all_to_all(request, token % 0xFFFF, int(m["all_to_all_bytes"]))
-                steps.append(time.monotonic() - t)
-                if not oracle and token % PERSIST_TOKENS == 0:
-                    block = (base + len(persisted), PERSIST_TOKENS)
-                    frame = full_block_frame(geometry, block, request)
-                    await self.exchange(node, [protocol.control(MessageType.PERSIST, {
-                        "geometry": geometry.to_json(), "blocks": [block]}, request), frame],
-                        1, MessageType.ACK)
-                    self.counters["persisted_bytes"] += len(frame.payload)
-                    persisted.append(block)
+            job = DecodeJob(request, profile, geometry, sum(t for _, t in prompt), generate,
+                            int(m["generated_block_base"]), oracle)
+            if generate:
+                self.batch[request] = job
+                if self.stepping is None or self.stepping.done():
+                    self.stepping = asyncio.create_task(self.step_loop())
+                await job.done
+                await asyncio.gather(*job.persisting)
         finally:
+            self.batch.pop(request, None)
             self.unfinished.pop(request, None)
-        return {"seconds": time.monotonic() - started, "h2d_seconds": h2d, "h2d_window": h2d_window,
-                "verify_seconds": verify_seconds,
-                "prompt_bytes": fetched, "steps": len(steps),
-                "tpot": sum(steps) / len(steps) if steps else 0.0,
-                "decode_seconds": time.monotonic() - first_token,
-                "persisted": persisted, "verifier": self.verifier.stats()}
+        return {"seconds": time.monotonic() - started, "h2d_seconds": h2d,
+                "h2d_window": [started_wall, started_wall + h2d], "verify_seconds": verify_seconds,
+                "prompt_bytes": fetched, "steps": len(job.steps),
+                "first_token_wall": job.first_token_wall, "end_wall": time.time(),
+                "tpot": sum(job.steps) / len(job.steps) if job.steps else 0.0,
+                "persisted": job.persisted, "verifier": self.verifier.stats()}
+
+    async def step_loop(self) -> None:
+        """Decode steps while any request is decoding: one step generates a token for every
+        request in the batch, and takes the profile's time for the batch's whole context."""
+        while self.batch:
+            jobs = list(self.batch.values())
+            profile = jobs[0].profile
+            t = time.monotonic()
+            async with self.gpu:
+                await asyncio.sleep(profile.decode_step_seconds(sum(j.context for j in jobs)))
+            # One exchange per step carries every layer's all-to-all for the batch's tokens.
+            await self.all_to_all(jobs[0].request, 0, round(
+                profile.all_to_all_bytes(len(jobs)) * profile.layers.value / self.scale))
+            step = time.monotonic() - t
+            for job in jobs:
+                job.token(step, self)
+
+    async def persist(self, job: "DecodeJob", block: Block) -> None:
+        node = self.connection(self.host.node, "pcie", NODE_PORT, protocol.DSCP_CS1, "persist")
+        frame = full_block_frame(job.geometry, block, job.request)
+        await self.exchange(node, [protocol.control(MessageType.PERSIST, {
+            "geometry": job.geometry.to_json(), "blocks": [block]}, job.request), frame],
+            1, MessageType.ACK)
+        self.counters["persisted_bytes"] += len(frame.payload)
+
+
+class DecodeJob:
+    """One request in a decode engine's batch."""
+
+    def __init__(self, request: int, profile, geometry: Geometry, context: int, generate: int,
+                 block_base: int, oracle: bool):
+        self.request, self.profile, self.geometry = request, profile, geometry
+        self.context, self.generate, self.block_base, self.oracle = context, generate, block_base, oracle
+        self.generated = 0
+        self.steps: list[float] = []
+        self.first_token_wall: float | None = None
+        self.persisted: list[Block] = []
+        self.persisting: list[asyncio.Task] = []
+        self.done = asyncio.get_running_loop().create_future()
+
+    def token(self, step_seconds: float, engine: EngineAgent) -> None:
+        self.generated += 1
+        self.context += 1
+        self.steps.append(step_seconds)
+        if self.first_token_wall is None:
+            self.first_token_wall = time.time()
+        if not self.oracle and self.generated % PERSIST_TOKENS == 0:
+            # Persisted as soon as the block is full, while decoding goes on (D2H, then
+            # the node writes it to storage).
+            block = (self.block_base + len(self.persisted), PERSIST_TOKENS)
+            self.persisted.append(block)
+            self.persisting.append(asyncio.create_task(engine.persist(self, block)))
+        if self.generated >= self.generate:
+            engine.batch.pop(self.request, None)
+            self.done.set_result(None)
 
 
 if __name__ == "__main__":

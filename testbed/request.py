@@ -113,25 +113,19 @@ def seed(plan: ClusterPlan, req: PreparedRequest) -> None:
 
 
 def prefill(plan: ClusterPlan, req: PreparedRequest) -> dict:
-    """Run the request's prefill on its prefill GPU (times from the profile, bytes scaled)."""
-    spec, profile, scale = req.spec, req.profile, plan.topology.scale
+    """Run the request's prefill on its prefill GPU."""
+    spec = req.spec
     return call(plan.host(spec.prefill_gpu).address("mgmt"), "prefill", request=req.request,
-                geometry=req.geometry.to_json(), hit=req.hit, miss=req.miss, path=spec.path,
+                model=spec.model, hit=req.hit, miss=req.miss, path=spec.path,
                 read_node=req.pe_node if spec.path == "pe" else req.de_node,
-                decode_node=req.de_node,
-                layer_seconds=profile.prefill_layer_seconds(spec.context, spec.append),
-                all_to_all_bytes=round(profile.all_to_all_bytes(spec.append) / scale),
-                oracle=spec.oracle)
+                decode_node=req.de_node, oracle=spec.oracle)
 
 
 def decode(plan: ClusterPlan, req: PreparedRequest) -> dict:
     """Run the request's decode on its decode GPU, once its prompt KV is on the way."""
-    spec, profile, scale = req.spec, req.profile, plan.topology.scale
+    spec = req.spec
     return call(plan.host(spec.decode_gpu).address("mgmt"), "decode", request=req.request,
-                geometry=req.geometry.to_json(), prompt=req.hit + req.miss,
-                generate=spec.generate,
-                step_seconds=profile.decode_step_seconds(spec.context + spec.append),
-                all_to_all_bytes=round(profile.all_to_all_bytes(1) * req.geometry.layers / scale),
+                model=spec.model, prompt=req.hit + req.miss, generate=spec.generate,
                 generated_block_base=req.base + GENERATED_BLOCKS, oracle=spec.oracle)
 
 
