@@ -43,7 +43,7 @@ async def serve_control(address: str, handlers: dict[str, Handler]) -> asyncio.b
                                       reuse_address=True)
 
 
-def call(address: str, op: str, timeout: float = 300.0, **fields) -> dict:
+def call(address: str, op: str, timeout: float = 3600.0, **fields) -> dict:
     """Blocking control call from outside the agents (CLI, tests). Raises on failure."""
     with socket.create_connection((address, CONTROL_PORT), timeout=timeout) as sock:
         sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
@@ -54,6 +54,24 @@ def call(address: str, op: str, timeout: float = 300.0, **fields) -> dict:
                 raise ConnectionError(f"{address}: closed the control connection during {op}")
             data += chunk
     reply = json.loads(data)
+    if not reply.pop("ok"):
+        raise RuntimeError(f"{address} {op}: {reply['error']}")
+    return reply
+
+
+async def acall(address: str, op: str, timeout: float = 3600.0, **fields) -> dict:
+    """The same call from inside an agent, without blocking its event loop."""
+    reader, writer = await asyncio.wait_for(
+        asyncio.open_connection(address, CONTROL_PORT, limit=16 << 20), 10.0)
+    try:
+        writer.write(json.dumps({"op": op, **fields}).encode() + b"\n")
+        await writer.drain()
+        line = await asyncio.wait_for(reader.readline(), timeout)
+    finally:
+        writer.close()
+    if not line:
+        raise ConnectionError(f"{address}: closed the control connection during {op}")
+    reply = json.loads(line)
     if not reply.pop("ok"):
         raise RuntimeError(f"{address} {op}: {reply['error']}")
     return reply

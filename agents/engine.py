@@ -128,6 +128,7 @@ class EngineAgent(Agent):
                     raise ProtocolError(f"bad all-to-all frame {frame.type.name}")
                 self.counters["all_to_all_bytes_received"] += len(frame.payload)
                 await protocol.write_frame(writer, frame)   # the combine: same bytes back
+                self.counters["all_to_all_bytes_sent"] += len(frame.payload)
         except (ProtocolError, ConnectionError) as exc:
             self.log.warning("closing all-to-all connection from %s: %s", peer, exc)
         finally:
@@ -147,7 +148,9 @@ class EngineAgent(Agent):
         if path not in ("pe", "de"):
             raise ValueError(f"path: got {path!r}, expected 'pe' or 'de'")
         read_node = self.connection(m["read_node"], "pcie", NODE_PORT, protocol.DSCP_CS1, "read")
-        # A push is one stream of frames per request: it gets a connection of its own.
+        # A LOAD may wait for DRAM, and a push is one stream of frames: each request gets
+        # connections of its own for them, so no request waits behind another's.
+        load_node = Connection(self.address(m["read_node"], "pcie"), NODE_PORT, protocol.DSCP_CS1)
         push_node = Connection(self.address(m["decode_node"], "pcie"), NODE_PORT, protocol.DSCP_CS1)
         self.unfinished[request] = sum(t for _, t in hit + miss)
         timings = {"load": 0.0, "layer_wait": 0.0, "compute": 0.0, "all_to_all": 0.0, "push": 0.0}
@@ -157,7 +160,7 @@ class EngineAgent(Agent):
         try:
             if not oracle and hit:
                 t, wall = time.monotonic(), time.time()
-                await self.exchange(read_node, [protocol.control(MessageType.LOAD, {
+                await self.exchange(load_node, [protocol.control(MessageType.LOAD, {
                     "geometry": geometry.to_json(), "blocks": hit}, request)], 1, MessageType.ACK)
                 timings["load"] = time.monotonic() - t
                 moved["load_window"] = [wall, time.time()]   # wall clock: comparable across hosts
@@ -216,14 +219,27 @@ class EngineAgent(Agent):
                 pushing = asyncio.create_task(push_layer(layer, layer == 0))
             if pushing:
                 await pushing
+        except BaseException:
+            # Neither node may keep KV for a request that will not complete.
+            await asyncio.gather(*(self.drop(node, request) for node in
+                                   {m["read_node"], m["decode_node"]}), return_exceptions=True)
+            raise
         finally:
             for task in (loading, pushing):
                 if task is not None and not task.done():
                     task.cancel()
             self.unfinished.pop(request, None)
+            load_node.reset()
             push_node.reset()
         return {"seconds": time.monotonic() - started, "timings": timings, **moved,
                 "verifier": self.verifier.stats()}
+
+    async def drop(self, node: str, request: int) -> None:
+        conn = Connection(self.address(node, "pcie"), NODE_PORT, protocol.DSCP_CS1)
+        try:
+            await self.exchange(conn, [Frame(MessageType.DROP, request)], 1, MessageType.ACK)
+        finally:
+            conn.reset()
 
     # -- decode -----------------------------------------------------------------------------
     async def decode(self, m: dict) -> dict:
@@ -235,29 +251,28 @@ class EngineAgent(Agent):
         prompt, generate = parse_blocks(m["prompt"]), int(m["generate"])
         oracle = bool(m.get("oracle"))
         self.unfinished[request] = sum(t for _, t in prompt) + generate
-        started, started_wall = time.monotonic(), time.time()
+        started = time.monotonic()
         fetched = verify_seconds = 0
+        h2d_window = None
         try:
             if not oracle:
                 # A fetch waits until the prompt KV is complete: a connection of its own.
                 node = Connection(self.address(self.host.node, "pcie"), NODE_PORT,
                                   protocol.DSCP_CS1)
                 try:
-                    frames = await self.exchange(node, [protocol.control(MessageType.FETCH, {
-                        "geometry": geometry.to_json()}, request)],
-                        len(prompt) + 1, MessageType.FULL_BLOCK, MessageType.ACK)
+                    h2d, h2d_start, frames = await self.fetch_prompt(node, request, geometry,
+                                                                     prompt)
+                    h2d_window = [h2d_start, h2d_start + h2d]
                 finally:
                     node.reset()
                 arrived = time.monotonic()
-                if frames[-1].type != MessageType.ACK:
-                    raise ProtocolError(f"request {request}: prompt fetch ended early")
                 for block, frame in zip(prompt, frames):
                     self.verifier.full_block(geometry, block, frame.payload)
                     fetched += len(frame.payload)
                 verify_seconds = time.monotonic() - arrived
                 self.counters["prompt_bytes_fetched"] += fetched
-            # The H2D is the copy; checking every byte is the testbed's, not the GPU's, work.
-            h2d = time.monotonic() - started - verify_seconds
+            else:
+                h2d = 0.0
             job = DecodeJob(request, profile, geometry, sum(t for _, t in prompt), generate,
                             int(m["generated_block_base"]), oracle)
             if generate:
@@ -270,15 +285,47 @@ class EngineAgent(Agent):
             self.batch.pop(request, None)
             self.unfinished.pop(request, None)
         return {"seconds": time.monotonic() - started, "h2d_seconds": h2d,
-                "h2d_window": [started_wall, started_wall + h2d], "verify_seconds": verify_seconds,
+                "h2d_window": h2d_window, "verify_seconds": verify_seconds,
                 "prompt_bytes": fetched, "steps": len(job.steps),
                 "first_token_wall": job.first_token_wall, "end_wall": time.time(),
                 "tpot": sum(job.steps) / len(job.steps) if job.steps else 0.0,
                 "persisted": job.persisted, "verifier": self.verifier.stats()}
 
+    async def fetch_prompt(self, conn: Connection, request: int, geometry: Geometry,
+                           prompt: list[Block]) -> tuple[float, float, list[Frame]]:
+        """The bulk H2D: ask the node for the prompt KV, which it sends once complete.
+        Returns the copy's seconds from its first byte, that first byte's wall-clock time,
+        and the blocks."""
+        async with conn.lock:
+            reader, writer = await conn.get()
+            await protocol.write_frame(writer, protocol.control(MessageType.FETCH, {
+                "geometry": geometry.to_json(), "prompt": prompt}, request))
+            frames, first, first_wall = [], None, 0.0
+            while True:
+                frame = await protocol.expect(reader, MessageType.FULL_BLOCK, MessageType.ACK)
+                if first is None:
+                    first, first_wall = time.monotonic(), time.time()
+                if frame.type == MessageType.ACK:
+                    break
+                frames.append(frame)
+        if len(frames) != len(prompt):
+            raise ProtocolError(f"request {request}: got {len(frames)} prompt blocks, "
+                                f"expected {len(prompt)}")
+        return time.monotonic() - first, first_wall, frames
+
     async def step_loop(self) -> None:
         """Decode steps while any request is decoding: one step generates a token for every
-        request in the batch, and takes the profile's time for the batch's whole context."""
+        request in the batch, and takes the profile's time for the batch's whole context.
+        If a step fails, every request in the batch fails with it (none is left waiting)."""
+        try:
+            await self._steps()
+        except Exception as exc:
+            for job in list(self.batch.values()):
+                if not job.done.done():
+                    job.done.set_exception(exc)
+            self.batch.clear()
+
+    async def _steps(self) -> None:
         while self.batch:
             jobs = list(self.batch.values())
             profile = jobs[0].profile

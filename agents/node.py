@@ -23,6 +23,7 @@ from agents.storage import STORAGE_PORT
 
 NODE_PORT = 7002
 PROMPT_TIMEOUT = 600.0
+RESERVE_TIMEOUT = 600.0
 
 
 class Buffer:
@@ -33,11 +34,16 @@ class Buffer:
         self.used = 0
         self._freed = asyncio.Condition()
 
-    async def reserve(self, size: int) -> None:
+    async def reserve(self, size: int, timeout: float = RESERVE_TIMEOUT) -> None:
         if size > self.capacity:
-            raise ProtocolError(f"{size} bytes exceed the DRAM buffer of {self.capacity}")
+            raise PeerError(f"{size} bytes exceed the DRAM buffer of {self.capacity}")
         async with self._freed:
-            await self._freed.wait_for(lambda: self.used + size <= self.capacity)
+            try:
+                await asyncio.wait_for(
+                    self._freed.wait_for(lambda: self.used + size <= self.capacity), timeout)
+            except asyncio.TimeoutError:
+                raise PeerError(f"no room for {size} bytes in DRAM after {timeout:.0f} s "
+                                f"({self.used} of {self.capacity} in use)") from None
             self.used += size
 
     async def free(self, size: int) -> None:
@@ -56,6 +62,16 @@ class Prompt:
     expected: list[Block] = field(default_factory=list)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     size: int = 0
+
+    def expect(self, blocks: list[Block]) -> None:
+        if blocks:
+            self.expected = blocks
+        self.check()
+
+    def check(self) -> None:
+        """Complete once every expected block is in DRAM, whether loaded or pushed."""
+        if self.expected and all(b in self.fulls for b, _ in self.expected):
+            self.complete.set()
 
 
 class StorageLink:
@@ -77,13 +93,14 @@ class StorageLink:
                     await protocol.write_frame(writer, frame)
                 for _ in range(replies):
                     on_reply(await protocol.expect(reader, MessageType.FULL_BLOCK, MessageType.ACK))
-            except (ProtocolError, ConnectionError, asyncio.IncompleteReadError):
-                writer.close()
-                self.streams = None
-                raise
             except PeerError:
                 # The storage agent stops answering a READ at its first ERROR: the
                 # connection is in a known state.
+                raise
+            except BaseException:
+                # Replies may be left unread (cancelled, broken, malformed): start afresh.
+                writer.close()
+                self.streams = None
                 raise
 
 
@@ -171,7 +188,10 @@ class NodeAgent(Agent):
         frame = full_block_frame(geometry, block, payload=payload)
         frame.type = MessageType.WRITE
         for host in placement(block[0], self.storage_hosts, self.replicas):
-            await self.links[host].exchange([frame], lambda _ack: None, 1)
+            try:
+                await self.links[host].exchange([frame], lambda _ack: None, 1)
+            except (ProtocolError, OSError, asyncio.IncompleteReadError) as exc:
+                raise PeerError(f"writing block {block[0]} to {host}: {exc}") from None
             self.counters["storage_write_bytes"] += len(payload)
 
     # -- serving GPUs -----------------------------------------------------------------------
@@ -181,7 +201,8 @@ class NodeAgent(Agent):
             while (frame := await protocol.read_frame(reader)) is not None:
                 handler = {MessageType.LOAD: self.on_load, MessageType.LAYER_READ: self.on_layer_read,
                            MessageType.KV_PUSH: self.on_push, MessageType.FETCH: self.on_fetch,
-                           MessageType.PERSIST: self.on_persist}.get(frame.type)
+                           MessageType.PERSIST: self.on_persist,
+                           MessageType.DROP: self.on_drop}.get(frame.type)
                 if handler is None:
                     raise ProtocolError(f"node does not take {frame.type.name}")
                 try:
@@ -208,6 +229,7 @@ class NodeAgent(Agent):
         prompt = self.prompt(frame.request)
         prompt.fulls.update(fulls)
         prompt.loaded, prompt.geometry = blocks, geometry
+        prompt.check()
         await protocol.write_frame(writer, protocol.control(MessageType.ACK, {
             "seconds": time.monotonic() - started, "bytes": sum(map(len, fulls.values()))},
             frame.request))
@@ -230,44 +252,54 @@ class NodeAgent(Agent):
 
     async def on_push(self, frame: Frame, reader, writer, peer) -> None:
         """A prefill GPU streams one frame per layer of `blocks`; the prompt is complete
-        once every block of `prompt` is in DRAM, loaded or pushed."""
+        once every block of `prompt` is in DRAM, loaded or pushed. The last layer's ACK
+        comes after the appended tokens' KV is in storage, so a failed write is reported."""
         body = frame.json()
         geometry = Geometry.from_json(body["geometry"])
         blocks, expected = parse_blocks(body["blocks"]), parse_blocks(body["prompt"])
         persist = parse_blocks(body.get("persist", []))
         prompt = self.prompt(frame.request)
-        prompt.expected = expected
-        size = geometry.blocks_bytes(blocks)
-        await self.buffer.reserve(size)
-        prompt.size += size
-        for layer in range(geometry.layers):
-            data = await protocol.expect(reader, MessageType.LAYER_DATA)
-            if data.layer != layer or data.count != len(blocks):
-                raise ProtocolError(f"push of request {frame.request}: got layer {data.layer} "
-                                    f"x{data.count}, expected layer {layer} x{len(blocks)}")
-            self.verifier.layer(geometry, blocks, layer, data.payload)
-            self.counters["pushed_bytes"] += len(data.payload)
-            offset = 0
-            for block_id, tokens in blocks:
-                size = geometry.layer_block_bytes(tokens)
-                prompt.layers.setdefault(block_id, {})[layer] = data.payload[offset:offset + size]
-                offset += size
-            await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request, layer=layer))
-        for block_id, _ in blocks:
-            parts = prompt.layers.pop(block_id)
-            prompt.fulls[block_id] = b"".join(parts[layer] for layer in range(geometry.layers))
-        if all(b in prompt.fulls for b, _ in expected):
-            prompt.complete.set()
-        for block in persist:   # the appended tokens' KV, for later turns
-            await self.write_block(geometry, block, prompt.fulls[block[0]])
+        try:
+            size = geometry.blocks_bytes(blocks)
+            await self.buffer.reserve(size)
+            prompt.size += size
+            for layer in range(geometry.layers):
+                data = await protocol.expect(reader, MessageType.LAYER_DATA)
+                if data.layer != layer or data.count != len(blocks):
+                    raise ProtocolError(f"push of request {frame.request}: got layer "
+                                        f"{data.layer} x{data.count}, expected layer {layer} "
+                                        f"x{len(blocks)}")
+                self.verifier.layer(geometry, blocks, layer, data.payload)
+                self.counters["pushed_bytes"] += len(data.payload)
+                offset = 0
+                for block_id, tokens in blocks:
+                    size = geometry.layer_block_bytes(tokens)
+                    prompt.layers.setdefault(block_id, {})[layer] = data.payload[offset:offset + size]
+                    offset += size
+                if layer == geometry.layers - 1:
+                    for block_id, _ in blocks:
+                        parts = prompt.layers.pop(block_id)
+                        prompt.fulls[block_id] = b"".join(parts[i] for i in range(geometry.layers))
+                    for block in persist:   # the appended tokens' KV, for later turns
+                        await self.write_block(geometry, block, prompt.fulls[block[0]])
+                await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request,
+                                                         layer=layer))
+        except BaseException:
+            await self.drop(frame.request)     # a half-pushed prompt is of no use
+            raise
+        prompt.expect(expected)
 
     async def on_fetch(self, frame: Frame, reader, writer, peer) -> None:
+        """The decode GPU's bulk H2D: every block of `prompt`, once all are in DRAM."""
         body = frame.json()
         geometry = Geometry.from_json(body["geometry"])
         prompt = self.prompt(frame.request)
+        prompt.expect(parse_blocks(body.get("prompt", [])))
         try:
-            await asyncio.wait_for(prompt.complete.wait(), PROMPT_TIMEOUT)
+            if prompt.expected:
+                await asyncio.wait_for(prompt.complete.wait(), PROMPT_TIMEOUT)
         except asyncio.TimeoutError:
+            await self.drop(frame.request)
             raise PeerError(f"request {frame.request}: prompt KV incomplete after "
                             f"{PROMPT_TIMEOUT:.0f} s") from None
         for block in prompt.expected:
@@ -276,6 +308,11 @@ class NodeAgent(Agent):
             self.counters["fetched_bytes"] += sent
         await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request))
         await self.drop(frame.request)
+
+    async def on_drop(self, frame: Frame, reader, writer, peer) -> None:
+        """Forget a request that failed elsewhere, giving its DRAM back."""
+        await self.drop(frame.request)
+        await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request))
 
     async def on_persist(self, frame: Frame, reader, writer, peer) -> None:
         body = frame.json()

@@ -33,9 +33,12 @@ Who sends what:
                                 frees them from DRAM after this read
   LAYER_DATA  either way        one layer of `count` consecutive blocks of the request
   KV_PUSH   PE engine -> DE node  LAYER_DATA frames for a request; answered by ACK per layer
-  FETCH     DE engine -> node   JSON {"request": R}: the whole prompt KV, as FULL_BLOCK frames
+  FETCH     DE engine -> node   JSON {"geometry", "prompt": blocks}: once every prompt block
+                                is in DRAM (loaded or pushed), one FULL_BLOCK each, then ACK;
+                                the node then frees them
   PERSIST   DE engine -> node   a Full Block of generated tokens; the node writes it to
                                 storage and answers ACK
+  DROP      engine -> node      forget a failed request, freeing its DRAM; ACK
   ALL_TO_ALL  engine <-> engine  derived bytes standing for expert-parallel dispatch; the
                                 peer sends the same frame back (the combine)
   ACK, ERROR                     replies
@@ -76,6 +79,7 @@ class MessageType(enum.IntEnum):
     ALL_TO_ALL = 10
     ACK = 11
     ERROR = 12
+    DROP = 13
 
 
 class ProtocolError(Exception):

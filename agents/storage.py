@@ -118,7 +118,14 @@ class StorageAgent(Agent):
                 if frame.type == MessageType.READ:
                     await self._read(frame, writer)
                 elif frame.type == MessageType.WRITE:
-                    self._store(frame.block, frame.payload)
+                    try:
+                        self._store(frame.block, frame.payload)
+                    except OSError as exc:
+                        self.served["errors"] += 1
+                        await protocol.write_frame(writer, protocol.error(
+                            f"block {frame.block} not stored on {self.host.name}: {exc}",
+                            frame.request))
+                        continue
                     self.served["written_blocks"] += 1
                     self.served["written_bytes"] += len(frame.payload)
                     await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request,

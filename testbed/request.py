@@ -87,7 +87,7 @@ def prepare(plan: ClusterPlan, spec: RequestSpec) -> PreparedRequest:
     profile = load_profile(spec.model)
     geometry = Geometry(profile.layers.value,
                         profile.kv_bytes_per_token_layer.value / plan.topology.scale)
-    request = random.randrange(1, 1 << 30)
+    request = random.randrange(1, 1 << 46)   # block ids are request << 16 + index (u64)
     base = request << 16
     return PreparedRequest(spec, request, profile, geometry,
                            split(spec.context, base + HIT_BLOCKS),

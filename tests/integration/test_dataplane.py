@@ -116,3 +116,31 @@ def test_missing_and_damaged_blocks_give_clear_errors(cluster):
     again = run_request(record, plan, spec)      # storage still serves everyone else
     assert again["decode"]["prompt_bytes"] == again["hit_kv_bytes"] + again["miss_kv_bytes"]
     assert again["decode"]["verifier"]["corrupt_bytes"] == 0
+    from agents.control import call
+    for node in ("n0", "n1"):      # the failed requests left nothing in DRAM
+        stats = call(plan.host(node).address("mgmt"), "stats")
+        assert stats["buffer_used"] == 0 and stats["requests_in_dram"] == 0, stats
+
+
+def test_de_path_without_appended_tokens(cluster):
+    """Nothing to push: the prompt is complete once the decode node has loaded it."""
+    r = request(cluster, "de", context=4096, append=0, generate=64)
+    assert r["prefill"]["pushed_bytes"] == 0
+    assert r["decode"]["prompt_bytes"] == r["hit_kv_bytes"]
+
+
+def test_concurrent_requests_on_one_prefill_engine(cluster):
+    """Four requests at once through the same prefill and decode GPUs, on both paths: all
+    complete, every byte verified, and the nodes' DRAM is empty afterwards."""
+    from concurrent.futures import ThreadPoolExecutor
+    from agents.control import call
+    paths = ["pe", "de", "pe", "de"]
+    with ThreadPoolExecutor(4) as pool:
+        reports = list(pool.map(lambda p: request(cluster, p, context=16384, generate=70), paths))
+    for r in reports:
+        assert r["decode"]["prompt_bytes"] == r["hit_kv_bytes"] + r["miss_kv_bytes"]
+        assert r["decode"]["verifier"]["corrupt_bytes"] == 0
+        assert r["decode"]["steps"] == 70
+    for node in ("n0", "n1"):
+        stats = call(cluster.plan.host(node).address("mgmt"), "stats")
+        assert stats["buffer_used"] == 0 and stats["requests_in_dram"] == 0, stats

@@ -1,0 +1,117 @@
+"""Scheduling policies: how a scheduler places requests on engines and picks read paths.
+
+Each policy is a small class behind one interface. Three switches make the paper's
+ablation: layerwise prefill, dual-path loading, and the scheduler of §5 (off: round robin).
+A user adds a policy by subclassing `Policy` in a module and naming it in a scenario as
+`package.module:ClassName`; the built-in ones are named in POLICIES.
+"""
+
+from __future__ import annotations
+
+import importlib
+import itertools
+from collections import deque
+
+from agents.scheduling import (EngineState, Request, choose_read_path, de_group_schedule,
+                               de_schedule, pe_schedule)
+
+
+class Policy:
+    name = "policy"
+    layerwise = True      # prefill streams KV layer by layer, overlapped with compute
+    dual_path = True      # KV may be read on the decode side and forwarded (DE read path)
+    scheduled = True      # the paper's §5 rules; off: round robin
+    oracle = False        # skip all KV I/O
+
+    def __init__(self) -> None:
+        self._next_pe = itertools.count()
+        self._next_de = itertools.count()
+        self._next_path = itertools.count()
+
+    # -- placement ------------------------------------------------------------------------
+    def place_decode(self, global_queue: deque[Request], groups: dict[str, list[EngineState]],
+                     private: dict[str, deque[Request]], group: str,
+                     ) -> list[tuple[Request, EngineState]]:
+        if self.scheduled:
+            de_group_schedule(global_queue, groups, private)
+            return de_schedule(private[group], groups[group])
+        return self._round_robin(global_queue, groups, group, self._next_de, decode=True)
+
+    def place_prefill(self, waiting: deque[Request], group: list[EngineState],
+                      read_q: dict[str, int], alpha: int, beta: int,
+                      ) -> list[tuple[Request, EngineState]]:
+        if self.scheduled:
+            return pe_schedule(waiting, group, read_q, alpha, beta)
+        assigned = []
+        while waiting:
+            pe = group[next(self._next_pe) % len(group)]
+            r = waiting.popleft()
+            pe.seq, pe.tok = pe.seq + 1, pe.tok + r.tokens
+            assigned.append((r, pe))
+        return assigned
+
+    def _round_robin(self, queue, groups, group, counter, decode: bool):
+        """Requests in arrival order to the engines of all groups in turn; a group's fetch
+        takes the ones that fell to its engines (others wait for their own group)."""
+        engines = [e for g in sorted(groups) for e in groups[g]]
+        assigned, keep = [], deque()
+        while queue:
+            r = queue.popleft()
+            e = engines[next(counter) % len(engines)]
+            if e in groups[group] and (not decode or e.free_hbm >= r.hbm_need):
+                e.seq, e.tok = e.seq + 1, e.tok + r.tokens
+                if decode:
+                    e.free_hbm -= r.hbm_need
+                assigned.append((r, e))
+            else:
+                keep.append(r)
+        queue.extend(keep)
+        return assigned
+
+    # -- read path ------------------------------------------------------------------------
+    def read_path(self, pe: EngineState, de: EngineState, read_q: dict[str, int]) -> str:
+        if not self.dual_path:
+            return "pe"
+        if self.scheduled:
+            return choose_read_path(pe, de, read_q)
+        return ("pe", "de")[next(self._next_path) % 2]
+
+
+class Basic(Policy):
+    """The unmodified baseline: PE read path only, no layerwise prefill, no scheduler."""
+    name, layerwise, dual_path, scheduled = "basic", False, False, False
+
+
+class DualPath(Policy):
+    """The full system."""
+    name = "dualpath"
+
+
+class DualPathRoundRobin(Policy):
+    """Dual-path loading and layerwise prefill without the scheduler: round robin."""
+    name, scheduled = "dualpath-rr", False
+
+
+class Oracle(Policy):
+    """DualPath's placement with every KV transfer skipped: the compute bound."""
+    name, oracle = "oracle", True
+
+
+POLICIES = {p.name: p for p in (Basic, DualPath, DualPathRoundRobin, Oracle)}
+
+
+def load_policy(name: str) -> Policy:
+    """A built-in policy by name, or `package.module:ClassName` for one of the user's."""
+    if name in POLICIES:
+        return POLICIES[name]()
+    module, _, cls = name.partition(":")
+    if not cls:
+        raise ValueError(f"policy: got {name!r}, expected one of {sorted(POLICIES)} or "
+                         "'package.module:ClassName'")
+    try:
+        policy = getattr(importlib.import_module(module), cls)
+    except (ImportError, AttributeError) as exc:
+        raise ValueError(f"policy: got {name!r}, cannot load it ({exc})") from None
+    if not (isinstance(policy, type) and issubclass(policy, Policy)):
+        raise ValueError(f"policy: got {name!r}, expected a subclass of agents.policies.Policy")
+    return policy()
