@@ -19,6 +19,7 @@ import asyncio
 import time
 
 from agents import protocol
+from agents.control import acall
 from agents.kv import Block, Geometry, Verifier, full_block_frame, layer_frame, parse_blocks
 from agents.node import NODE_PORT
 from agents.protocol import Frame, MessageType, ProtocolError, kv_bytes
@@ -26,6 +27,8 @@ from agents.runtime import Agent, run
 from testbed.profile import load_profile
 
 ALL_TO_ALL_PORT = 7004
+FETCH_SECONDS = 0.02          # how often a group leader pulls work while a scheduler runs
+IDLE_FETCH_SECONDS = 1.0
 PERSIST_TOKENS = 64          # decode persists a block every 64 generated tokens (paper §3.3)
 
 
@@ -67,6 +70,9 @@ class EngineAgent(Agent):
                          "all_to_all_bytes_sent": 0, "all_to_all_bytes_received": 0}
         await protocol.serve(self.on_all_to_all, self.host.address("cnic"), ALL_TO_ALL_PORT,
                              protocol.DSCP_EF)
+        group = [h for h in self.plan.of_kind("gpu") if h.node == self.host.node]
+        if group[0].name == self.host.name:       # rank 0 leads its node's engine group
+            asyncio.create_task(self.lead())
 
     def control_handlers(self) -> dict:
         return {**super().control_handlers(), "prefill": self.prefill, "decode": self.decode}
@@ -96,6 +102,33 @@ class EngineAgent(Agent):
                     asyncio.CancelledError):
                 conn.reset()   # replies may be left unread: the stream is out of step
                 raise
+
+    # -- the group leader: pulls work for its node's engines (§5.1) ------------------------
+    async def lead(self) -> None:
+        scheduler = self.address("sched", "mgmt")
+        while True:
+            try:
+                reply = await acall(scheduler, "fetch", timeout=10, group=self.host.node,
+                                    role=self.role)
+            except (OSError, RuntimeError, asyncio.TimeoutError):
+                await asyncio.sleep(IDLE_FETCH_SECONDS)      # no scheduler running
+                continue
+            for work in reply["assignments"]:
+                asyncio.create_task(self.hand_over(scheduler, work))
+            await asyncio.sleep(FETCH_SECONDS)
+
+    async def hand_over(self, scheduler: str, work: dict) -> None:
+        """Give one assignment to its engine in this group; tell the scheduler how it ended."""
+        request = work["args"]["request"]
+        try:
+            result = await acall(self.address(work["engine"], "mgmt"), work["op"], **work["args"])
+            report = {"result": result}
+        except Exception as exc:
+            report = {"error": str(exc)}
+        try:
+            await acall(scheduler, "complete", request=request, phase=work["op"], **report)
+        except Exception as exc:
+            self.log.warning("could not report %s of request %d: %s", work["op"], request, exc)
 
     # -- all-to-all (model-execution traffic, EF) -------------------------------------------
     async def all_to_all(self, request: int, layer: int, total_bytes: int) -> float:
@@ -137,7 +170,8 @@ class EngineAgent(Agent):
     # -- prefill ----------------------------------------------------------------------------
     async def prefill(self, m: dict) -> dict:
         """m: request, model, hit, miss (blocks), path ('pe'|'de'), read_node, decode_node,
-        oracle. Compute time and all-to-all bytes come from the model profile."""
+        oracle, layerwise (default true). Compute time and all-to-all bytes come from the
+        model profile."""
         request, profile = int(m["request"]), load_profile(m["model"])
         geometry = self.geometry(profile)
         hit, miss = parse_blocks(m["hit"]), parse_blocks(m["miss"])
@@ -185,6 +219,13 @@ class EngineAgent(Agent):
                     "geometry": geometry.to_json(), "blocks": sent, "prompt": hit + miss,
                     "persist": miss}, request)
 
+            async def compute(layer: int) -> None:
+                t = time.monotonic()
+                async with self.gpu:
+                    await asyncio.sleep(layer_seconds)
+                timings["compute"] += time.monotonic() - t
+                timings["all_to_all"] += await self.all_to_all(request, layer, a2a_bytes)
+
             async def push_layer(layer: int, first: bool) -> None:
                 if push_started is None:
                     return
@@ -201,24 +242,32 @@ class EngineAgent(Agent):
                 moved["pushed_bytes"] += len(frames[-1].payload)
                 timings["push"] += time.monotonic() - t
 
-            loading = asyncio.create_task(load_layer(0))
-            pushing = None
-            for layer in range(geometry.layers):
-                t = time.monotonic()
-                await loading
-                timings["layer_wait"] += time.monotonic() - t
-                if layer + 1 < geometry.layers:
-                    loading = asyncio.create_task(load_layer(layer + 1))
-                t = time.monotonic()
-                async with self.gpu:
-                    await asyncio.sleep(layer_seconds)
-                timings["compute"] += time.monotonic() - t
-                timings["all_to_all"] += await self.all_to_all(request, layer, a2a_bytes)
+            if m.get("layerwise", True):
+                # Layer L+1's KV loads while layer L computes; layer L's KV leaves while
+                # layer L+1 computes.
+                loading = asyncio.create_task(load_layer(0))
+                for layer in range(geometry.layers):
+                    t = time.monotonic()
+                    await loading
+                    timings["layer_wait"] += time.monotonic() - t
+                    if layer + 1 < geometry.layers:
+                        loading = asyncio.create_task(load_layer(layer + 1))
+                    await compute(layer)
+                    if pushing:
+                        await pushing
+                    pushing = asyncio.create_task(push_layer(layer, layer == 0))
                 if pushing:
                     await pushing
-                pushing = asyncio.create_task(push_layer(layer, layer == 0))
-            if pushing:
-                await pushing
+            else:
+                # Without layerwise prefill: all KV into HBM, compute, then all KV out.
+                t = time.monotonic()
+                for layer in range(geometry.layers):
+                    await load_layer(layer)
+                timings["layer_wait"] += time.monotonic() - t
+                for layer in range(geometry.layers):
+                    await compute(layer)
+                for layer in range(geometry.layers):
+                    await push_layer(layer, layer == 0)
         except BaseException:
             # Neither node may keep KV for a request that will not complete.
             await asyncio.gather(*(self.drop(node, request) for node in

@@ -62,6 +62,7 @@ class Prompt:
     expected: list[Block] = field(default_factory=list)
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     size: int = 0
+    dropped: bool = False      # the request failed elsewhere: a waiting FETCH must give up
 
     def expect(self, blocks: list[Block]) -> None:
         if blocks:
@@ -114,6 +115,7 @@ class NodeAgent(Agent):
         self.replicas = topology.storage.replicas
         self.links = {h: StorageLink(self.address(h, "stor")) for h in self.storage_hosts}
         self.prompts: dict[int, Prompt] = {}
+        self.dropped: set[int] = set()         # requests that failed: never wait for them
         self.read_queue_tokens = 0
         self.verifier = Verifier()
         self.counters = {"storage_read_bytes": 0, "storage_write_bytes": 0,
@@ -133,9 +135,13 @@ class NodeAgent(Agent):
     def prompt(self, request: int) -> Prompt:
         return self.prompts.setdefault(request, Prompt())
 
-    async def drop(self, request: int) -> None:
+    async def drop(self, request: int, failed: bool = False) -> None:
         prompt = self.prompts.pop(request, None)
+        if failed:
+            self.dropped.add(request)
         if prompt:
+            prompt.dropped = failed
+            prompt.complete.set()      # wakes a FETCH waiting for it
             await self.buffer.free(prompt.size)
 
     # -- storage ----------------------------------------------------------------------------
@@ -293,6 +299,8 @@ class NodeAgent(Agent):
         """The decode GPU's bulk H2D: every block of `prompt`, once all are in DRAM."""
         body = frame.json()
         geometry = Geometry.from_json(body["geometry"])
+        if frame.request in self.dropped:
+            raise PeerError(f"request {frame.request} failed during prefill")
         prompt = self.prompt(frame.request)
         prompt.expect(parse_blocks(body.get("prompt", [])))
         try:
@@ -302,6 +310,8 @@ class NodeAgent(Agent):
             await self.drop(frame.request)
             raise PeerError(f"request {frame.request}: prompt KV incomplete after "
                             f"{PROMPT_TIMEOUT:.0f} s") from None
+        if prompt.dropped:
+            raise PeerError(f"request {frame.request} failed during prefill")
         for block in prompt.expected:
             sent = await protocol.write_frame(writer, full_block_frame(
                 geometry, block, frame.request, prompt.fulls[block[0]]))
@@ -311,7 +321,7 @@ class NodeAgent(Agent):
 
     async def on_drop(self, frame: Frame, reader, writer, peer) -> None:
         """Forget a request that failed elsewhere, giving its DRAM back."""
-        await self.drop(frame.request)
+        await self.drop(frame.request, failed=True)
         await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request))
 
     async def on_persist(self, frame: Frame, reader, writer, peer) -> None:

@@ -1,6 +1,7 @@
 """Starting and stopping the agents of a fabric: one process per host, inside the host.
 
-storage hosts run agents.storage, nodes agents.node, GPU hosts agents.engine. Each agent
+storage hosts run agents.storage, nodes agents.node, GPU hosts agents.engine and the
+scheduler host agents.scheduler. Each agent
 gets the topology as JSON on its command line (containers do not see the host's files),
 logs to LOG_DIR/<host>.log, and is ready once it answers `ping` on the management network.
 """
@@ -20,7 +21,8 @@ from testbed.state import STATE_DIR
 
 LOG_DIR = STATE_DIR / "logs"
 REPO = Path(__file__).resolve().parent.parent
-PROGRAMS = {"storage": "agents.storage", "node": "agents.node", "gpu": "agents.engine"}
+PROGRAMS = {"storage": "agents.storage", "node": "agents.node", "gpu": "agents.engine",
+            "scheduler": "agents.scheduler"}
 READY_SECONDS = 60
 
 

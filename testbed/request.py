@@ -129,6 +129,14 @@ def decode(plan: ClusterPlan, req: PreparedRequest) -> dict:
                 generated_block_base=req.base + GENERATED_BLOCKS, oracle=spec.oracle)
 
 
+def submit(plan: ClusterPlan, req: PreparedRequest) -> dict:
+    """Hand the request to the scheduler, which places it; answers once it completed."""
+    spec = req.spec
+    return call(plan.host("sched").address("mgmt"), "submit", request=req.request,
+                model=spec.model, hit=req.hit, miss=req.miss, generate=spec.generate,
+                generated_block_base=req.base + GENERATED_BLOCKS)
+
+
 def execute(record: FabricRecord, plan: ClusterPlan, req: PreparedRequest) -> dict:
     """Prefill, then decode; the report has timings, verified bytes and counter deltas."""
     spec, geometry, scale = req.spec, req.geometry, plan.topology.scale

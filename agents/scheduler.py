@@ -1,0 +1,173 @@
+"""The scheduler agent: DualPath's request scheduler (paper §5), on the `sched` host.
+
+Clients `submit` requests; engine groups pull work through their leaders (`fetch`), and the
+policy decides, on each fetch, which engine takes which request and on which side its KV is
+read. A request first gets a decode engine (the prefill engine must know where to send the
+KV), then a prefill engine and a read path. Engines report back with `complete`.
+
+The scheduler keeps seq_e, tok_e and each node's read queue itself, from what it assigned
+and what completed: the numbers the engines would report on a fetch, without a polling
+delay. A node's read queue is the hit tokens of the prefills reading on that node that have
+not completed yet (a poll of the node agents would miss what this very fetch assigned).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+from collections import deque
+from dataclasses import dataclass, field
+
+from agents.kv import parse_blocks
+from agents.policies import load_policy
+from agents.runtime import Agent, run
+from agents.scheduling import EngineState, Request
+
+
+@dataclass
+class Pending:
+    request: Request
+    body: dict                     # what the client submitted
+    submitted: float = field(default_factory=time.time)
+    pe: EngineState | None = None
+    de: EngineState | None = None
+    path: str | None = None
+    results: dict = field(default_factory=dict)
+    done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
+
+
+class SchedulerAgent(Agent):
+    name = "scheduler"
+
+    async def start(self) -> None:
+        gpus = self.plan.of_kind("gpu")
+        self.engines = {g.name: EngineState(g.name, g.node) for g in gpus}
+        self.groups = {"prefill": {}, "decode": {}}
+        for g in gpus:
+            self.groups[g.role].setdefault(g.node, []).append(self.engines[g.name])
+        self.read_q = {n.name: 0 for n in self.plan.of_kind("node")}   # tokens
+        self.pending: dict[int, Pending] = {}
+        self.decisions = {"prefill": 0, "decode": 0, "pe": 0, "de": 0}
+        self.configure_from({"policy": self.args.policy, "alpha": 0, "beta": 1 << 60,
+                             "hbm_tokens": 1 << 60})
+
+    def control_handlers(self) -> dict:
+        return {**super().control_handlers(), "configure": self.configure,
+                "submit": self.submit, "fetch": self.fetch, "complete": self.complete}
+
+    async def stats(self, _message: dict) -> dict:
+        return {"policy": self.policy.name, "pending": len(self.pending),
+                "waiting_decode": len(self.global_de) + sum(map(len, self.private.values())),
+                "waiting_prefill": len(self.pe_waiting), "decisions": dict(self.decisions),
+                "read_q": dict(self.read_q),
+                "engines": {e.name: {"seq": e.seq, "tok": e.tok} for e in self.engines.values()}}
+
+    # -- configuration ----------------------------------------------------------------------
+    async def configure(self, m: dict) -> dict:
+        if self.pending:
+            raise RuntimeError(f"{len(self.pending)} requests are still in flight")
+        self.configure_from(m)
+        return {"policy": self.policy.name}
+
+    def configure_from(self, m: dict) -> None:
+        """A policy and its thresholds (alpha, beta in tokens; decode HBM in tokens)."""
+        self.policy = load_policy(m["policy"])
+        self.alpha, self.beta = int(m["alpha"]), int(m["beta"])
+        for e in self.engines.values():
+            e.seq = e.tok = 0
+        self.read_q = dict.fromkeys(self.read_q, 0)
+        self.decisions = dict.fromkeys(self.decisions, 0)
+        for engines in self.groups["decode"].values():
+            for e in engines:
+                e.free_hbm = int(m["hbm_tokens"])
+        self.global_de: deque[Request] = deque()
+        self.private = {g: deque() for g in self.groups["decode"]}
+        self.pe_waiting: deque[Request] = deque()
+
+    # -- clients ----------------------------------------------------------------------------
+    async def submit(self, m: dict) -> dict:
+        """m: request, model, hit, miss (blocks), generate, generated_block_base. Answers
+        when the request has completed, with where it ran and what the engines reported."""
+        hit, miss = parse_blocks(m["hit"]), parse_blocks(m["miss"])
+        r = Request(int(m["request"]), sum(t for _, t in hit), sum(t for _, t in miss),
+                    int(m["generate"]))
+        pending = self.pending[r.id] = Pending(r, m)
+        self.global_de.append(r)
+        try:
+            await pending.done
+        finally:
+            self.pending.pop(r.id, None)
+        return {"request": r.id, "submitted": pending.submitted, "pe": pending.pe.name,
+                "de": pending.de.name, "path": pending.path, **pending.results}
+
+    # -- engine groups ----------------------------------------------------------------------
+    async def fetch(self, m: dict) -> dict:
+        """A group leader pulls its group's new work."""
+        group, role = m["group"], m["role"]
+        if role == "decode":
+            assigned = self.policy.place_decode(self.global_de, self.groups["decode"],
+                                                self.private, group)
+            work = [self.decode_work(r, de) for r, de in assigned]
+        else:
+            assigned = self.policy.place_prefill(self.pe_waiting, self.groups["prefill"][group],
+                                                 dict(self.read_q), self.alpha, self.beta)
+            work = [self.prefill_work(r, pe) for r, pe in assigned]
+        self.decisions[role] += len(work)
+        return {"assignments": work}
+
+    def decode_work(self, r: Request, de: EngineState) -> dict:
+        p = self.pending[r.id]
+        p.de = de
+        self.pe_waiting.append(r)        # now it may be prefilled: its KV has somewhere to go
+        b = p.body
+        return {"engine": de.name, "op": "decode", "args": {
+            "request": r.id, "model": b["model"], "prompt": b["hit"] + b["miss"],
+            "generate": r.generate, "generated_block_base": b["generated_block_base"],
+            "oracle": self.policy.oracle}}
+
+    def prefill_work(self, r: Request, pe: EngineState) -> dict:
+        p = self.pending[r.id]
+        p.pe = pe
+        p.path = self.policy.read_path(pe, p.de, self.read_q)
+        self.decisions[p.path] += 1
+        self.read_q[self.read_node(p)] += r.context
+        b = p.body
+        return {"engine": pe.name, "op": "prefill", "args": {
+            "request": r.id, "model": b["model"], "hit": b["hit"], "miss": b["miss"],
+            "path": p.path, "read_node": self.read_node(p),
+            "decode_node": p.de.node, "oracle": self.policy.oracle,
+            "layerwise": self.policy.layerwise}}
+
+    @staticmethod
+    def read_node(p: Pending) -> str:
+        return p.pe.node if p.path == "pe" else p.de.node
+
+    async def complete(self, m: dict) -> dict:
+        p = self.pending.get(int(m["request"]))
+        if p is None:
+            return {"known": False}
+        r, op = p.request, m["phase"]
+        engine = p.pe if op == "prefill" else p.de
+        engine.seq -= 1
+        engine.tok -= r.tokens
+        if op == "prefill":
+            self.read_q[self.read_node(p)] -= r.context
+        else:
+            engine.free_hbm += r.hbm_need
+        if m.get("error"):
+            if not p.done.done():
+                p.done.set_exception(RuntimeError(f"{op} on {engine.name}: {m['error']}"))
+        else:
+            p.results[op] = m["result"]
+            if {"prefill", "decode"} <= p.results.keys() and not p.done.done():
+                p.done.set_result(None)
+        return {"known": True}
+
+
+def _args(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--policy", default="dualpath")
+
+
+if __name__ == "__main__":
+    run(SchedulerAgent, _args)
