@@ -169,119 +169,7 @@ class EngineAgent(Agent):
 
     # -- prefill ----------------------------------------------------------------------------
     async def prefill(self, m: dict) -> dict:
-        """m: request, model, hit, miss (blocks), path ('pe'|'de'), read_node, decode_node,
-        oracle, layerwise (default true). Compute time and all-to-all bytes come from the
-        model profile."""
-        request, profile = int(m["request"]), load_profile(m["model"])
-        geometry = self.geometry(profile)
-        hit, miss = parse_blocks(m["hit"]), parse_blocks(m["miss"])
-        context, append = sum(t for _, t in hit), sum(t for _, t in miss)
-        layer_seconds = profile.prefill_layer_seconds(context, append)
-        a2a_bytes = round(profile.all_to_all_bytes(append) / self.scale)
-        oracle, path = bool(m.get("oracle")), m["path"]
-        if path not in ("pe", "de"):
-            raise ValueError(f"path: got {path!r}, expected 'pe' or 'de'")
-        read_node = self.connection(m["read_node"], "pcie", NODE_PORT, protocol.DSCP_CS1, "read")
-        # A LOAD may wait for DRAM, and a push is one stream of frames: each request gets
-        # connections of its own for them, so no request waits behind another's.
-        load_node = Connection(self.address(m["read_node"], "pcie"), NODE_PORT, protocol.DSCP_CS1)
-        push_node = Connection(self.address(m["decode_node"], "pcie"), NODE_PORT, protocol.DSCP_CS1)
-        self.unfinished[request] = sum(t for _, t in hit + miss)
-        timings = {"load": 0.0, "layer_wait": 0.0, "compute": 0.0, "all_to_all": 0.0, "push": 0.0}
-        moved = {"layer_bytes": 0, "pushed_bytes": 0, "load_window": None}  # this request's KV
-        started = time.monotonic()
-        loading = pushing = None
-        try:
-            if not oracle and hit:
-                t, wall = time.monotonic(), time.time()
-                await self.exchange(load_node, [protocol.control(MessageType.LOAD, {
-                    "geometry": geometry.to_json(), "blocks": hit}, request)], 1, MessageType.ACK)
-                timings["load"] = time.monotonic() - t
-                moved["load_window"] = [wall, time.time()]   # wall clock: comparable across hosts
-
-            async def load_layer(layer: int) -> None:
-                if oracle or not hit:
-                    return
-                frame = protocol.control(MessageType.LAYER_READ, {
-                    "release": path == "pe" and layer == geometry.layers - 1}, request)
-                frame.layer = layer
-                [data] = await self.exchange(read_node, [frame], 1, MessageType.LAYER_DATA)
-                self.verifier.layer(geometry, hit, layer, data.payload)
-                self.counters["layer_bytes_received"] += len(data.payload)
-                moved["layer_bytes"] += len(data.payload)
-                received[layer] = data.payload
-
-            received: dict[int, bytes] = {}   # hit KV per layer, as it arrived in "HBM"
-            sent = hit + miss if path == "pe" else miss
-            push_started = None
-            if not oracle and sent:
-                push_started = protocol.control(MessageType.KV_PUSH, {
-                    "geometry": geometry.to_json(), "blocks": sent, "prompt": hit + miss,
-                    "persist": miss}, request)
-
-            async def compute(layer: int) -> None:
-                t = time.monotonic()
-                async with self.gpu:
-                    await asyncio.sleep(layer_seconds)
-                timings["compute"] += time.monotonic() - t
-                timings["all_to_all"] += await self.all_to_all(request, layer, a2a_bytes)
-
-            async def push_layer(layer: int, first: bool) -> None:
-                if push_started is None:
-                    return
-                t = time.monotonic()
-                # The layer's KV leaves "HBM": on the PE path the hit KV it received, then
-                # the miss KV it computed; on the DE path the miss KV only.
-                data = layer_frame(geometry, miss, layer, request)
-                if path == "pe" and hit:
-                    data.payload = received.pop(layer, b"") + data.payload
-                    data.block, data.count = sent[0][0], len(sent)
-                frames = ([push_started] if first else []) + [data]
-                await self.exchange(push_node, frames, 1, MessageType.ACK)
-                self.counters["kv_bytes_pushed"] += len(frames[-1].payload)
-                moved["pushed_bytes"] += len(frames[-1].payload)
-                timings["push"] += time.monotonic() - t
-
-            if m.get("layerwise", True):
-                # Layer L+1's KV loads while layer L computes; layer L's KV leaves while
-                # layer L+1 computes.
-                loading = asyncio.create_task(load_layer(0))
-                for layer in range(geometry.layers):
-                    t = time.monotonic()
-                    await loading
-                    timings["layer_wait"] += time.monotonic() - t
-                    if layer + 1 < geometry.layers:
-                        loading = asyncio.create_task(load_layer(layer + 1))
-                    await compute(layer)
-                    if pushing:
-                        await pushing
-                    pushing = asyncio.create_task(push_layer(layer, layer == 0))
-                if pushing:
-                    await pushing
-            else:
-                # Without layerwise prefill: all KV into HBM, compute, then all KV out.
-                t = time.monotonic()
-                for layer in range(geometry.layers):
-                    await load_layer(layer)
-                timings["layer_wait"] += time.monotonic() - t
-                for layer in range(geometry.layers):
-                    await compute(layer)
-                for layer in range(geometry.layers):
-                    await push_layer(layer, layer == 0)
-        except BaseException:
-            # Neither node may keep KV for a request that will not complete.
-            await asyncio.gather(*(self.drop(node, request) for node in
-                                   {m["read_node"], m["decode_node"]}), return_exceptions=True)
-            raise
-        finally:
-            for task in (loading, pushing):
-                if task is not None and not task.done():
-                    task.cancel()
-            self.unfinished.pop(request, None)
-            load_node.reset()
-            push_node.reset()
-        return {"seconds": time.monotonic() - started, "timings": timings, **moved,
-                "verifier": self.verifier.stats()}
+        return await PrefillRun(self, m).run()
 
     async def drop(self, node: str, request: int) -> None:
         conn = Connection(self.address(node, "pcie"), NODE_PORT, protocol.DSCP_CS1)
@@ -395,6 +283,144 @@ class EngineAgent(Agent):
             "geometry": job.geometry.to_json(), "blocks": [block]}, job.request), frame],
             1, MessageType.ACK)
         self.counters["persisted_bytes"] += len(frame.payload)
+
+
+class PrefillRun:
+    """One request's prefill on an engine: its KV loads layer by layer from the read node,
+    each layer computes (profile time, on the GPU lock) and runs its all-to-all, and each
+    layer's KV leaves for the decode node.
+
+    m: request, model, hit, miss (blocks), path ('pe'|'de'), read_node, decode_node, oracle,
+    layerwise (default true).
+    """
+
+    def __init__(self, engine: EngineAgent, m: dict):
+        self.engine = engine
+        self.request, profile = int(m["request"]), load_profile(m["model"])
+        self.geometry = engine.geometry(profile)
+        self.hit, self.miss = parse_blocks(m["hit"]), parse_blocks(m["miss"])
+        context, append = sum(t for _, t in self.hit), sum(t for _, t in self.miss)
+        self.layer_seconds = profile.prefill_layer_seconds(context, append)
+        self.a2a_bytes = round(profile.all_to_all_bytes(append) / engine.scale)
+        self.oracle, self.path = bool(m.get("oracle")), m["path"]
+        self.layerwise = m.get("layerwise", True)
+        if self.path not in ("pe", "de"):
+            raise ValueError(f"path: got {self.path!r}, expected 'pe' or 'de'")
+        self.nodes = {m["read_node"], m["decode_node"]}
+        self.reads = engine.connection(m["read_node"], "pcie", NODE_PORT, protocol.DSCP_CS1,
+                                       "read")
+        # A LOAD may wait for DRAM, and a push is one stream of frames: each request gets
+        # connections of its own for them, so no request waits behind another's.
+        self.load_conn = Connection(engine.address(m["read_node"], "pcie"), NODE_PORT,
+                                    protocol.DSCP_CS1)
+        self.push_conn = Connection(engine.address(m["decode_node"], "pcie"), NODE_PORT,
+                                    protocol.DSCP_CS1)
+        # The layer's KV leaves "HBM": on the PE path the hit KV it received and the miss
+        # KV it computed; on the DE path the miss KV only (the DE node has the hit KV).
+        self.sent = self.hit + self.miss if self.path == "pe" else self.miss
+        self.received: dict[int, bytes] = {}     # hit KV per layer, as it arrived in "HBM"
+        self.timings = dict.fromkeys(("load", "layer_wait", "compute", "all_to_all", "push"), 0.0)
+        self.moved = {"layer_bytes": 0, "pushed_bytes": 0, "load_window": None}
+
+    async def run(self) -> dict:
+        engine, started = self.engine, time.monotonic()
+        engine.unfinished[self.request] = sum(t for _, t in self.hit + self.miss)
+        try:
+            await self.load()
+            await (self.run_layerwise() if self.layerwise else self.run_whole())
+        except BaseException:
+            # Neither node may keep KV for a request that will not complete.
+            await asyncio.gather(*(engine.drop(n, self.request) for n in self.nodes),
+                                 return_exceptions=True)
+            raise
+        finally:
+            engine.unfinished.pop(self.request, None)
+            self.load_conn.reset()
+            self.push_conn.reset()
+        return {"seconds": time.monotonic() - started, "timings": self.timings, **self.moved,
+                "verifier": engine.verifier.stats()}
+
+    async def run_layerwise(self) -> None:
+        """Layer L+1's KV loads while layer L computes; layer L's KV leaves while layer L+1
+        computes."""
+        loading, pushing = asyncio.create_task(self.load_layer(0)), None
+        try:
+            for layer in range(self.geometry.layers):
+                t = time.monotonic()
+                await loading
+                self.timings["layer_wait"] += time.monotonic() - t
+                if layer + 1 < self.geometry.layers:
+                    loading = asyncio.create_task(self.load_layer(layer + 1))
+                await self.compute(layer)
+                if pushing:
+                    await pushing
+                pushing = asyncio.create_task(self.push_layer(layer))
+            await pushing
+        finally:
+            for task in (loading, pushing):
+                if task is not None and not task.done():
+                    task.cancel()
+
+    async def run_whole(self) -> None:
+        """Without layerwise prefill: all KV into HBM, compute, then all KV out."""
+        t = time.monotonic()
+        for layer in range(self.geometry.layers):
+            await self.load_layer(layer)
+        self.timings["layer_wait"] += time.monotonic() - t
+        for layer in range(self.geometry.layers):
+            await self.compute(layer)
+        for layer in range(self.geometry.layers):
+            await self.push_layer(layer)
+
+    async def load(self) -> None:
+        """The hit KV's Full Blocks, from storage into the read node's DRAM."""
+        if self.oracle or not self.hit:
+            return
+        t, wall = time.monotonic(), time.time()
+        await self.engine.exchange(self.load_conn, [protocol.control(MessageType.LOAD, {
+            "geometry": self.geometry.to_json(), "blocks": self.hit}, self.request)],
+            1, MessageType.ACK)
+        self.timings["load"] = time.monotonic() - t
+        self.moved["load_window"] = [wall, time.time()]   # wall clock: comparable across hosts
+
+    async def load_layer(self, layer: int) -> None:
+        if self.oracle or not self.hit:
+            return
+        last = layer == self.geometry.layers - 1
+        frame = protocol.control(MessageType.LAYER_READ,
+                                 {"release": self.path == "pe" and last}, self.request)
+        frame.layer = layer
+        [data] = await self.engine.exchange(self.reads, [frame], 1, MessageType.LAYER_DATA)
+        self.engine.verifier.layer(self.geometry, self.hit, layer, data.payload)
+        self.engine.counters["layer_bytes_received"] += len(data.payload)
+        self.moved["layer_bytes"] += len(data.payload)
+        self.received[layer] = data.payload
+
+    async def compute(self, layer: int) -> None:
+        t = time.monotonic()
+        async with self.engine.gpu:
+            await asyncio.sleep(self.layer_seconds)
+        self.timings["compute"] += time.monotonic() - t
+        self.timings["all_to_all"] += await self.engine.all_to_all(self.request, layer,
+                                                                   self.a2a_bytes)
+
+    async def push_layer(self, layer: int) -> None:
+        if self.oracle or not self.sent:
+            return
+        t = time.monotonic()
+        data = layer_frame(self.geometry, self.miss, layer, self.request)
+        if self.path == "pe" and self.hit:
+            data.payload = self.received.pop(layer, b"") + data.payload
+            data.block, data.count = self.sent[0][0], len(self.sent)
+        frames = [data]
+        if layer == 0:   # the push announces itself with its first layer
+            frames.insert(0, protocol.control(MessageType.KV_PUSH, {
+                "geometry": self.geometry.to_json(), "blocks": self.sent,
+                "prompt": self.hit + self.miss, "persist": self.miss}, self.request))
+        await self.engine.exchange(self.push_conn, frames, 1, MessageType.ACK)
+        self.engine.counters["kv_bytes_pushed"] += len(data.payload)
+        self.moved["pushed_bytes"] += len(data.payload)
+        self.timings["push"] += time.monotonic() - t
 
 
 class DecodeJob:
