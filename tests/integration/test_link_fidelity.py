@@ -48,18 +48,3 @@ def test_pcie_in_both_directions(rate_name):
         check(rate, measure(node, gpu, cnic), f"pcie tx at {rate_name}")
         check(rate, measure(gpu, node, pcie), f"pcie rx at {rate_name}")
 
-
-def test_kernel_accepts_our_htb_numbers_silently():
-    """r2q, quantum and burst are chosen for each rate: bringing links up at 2 Gbit/s with
-    both priority classes adds no "quantum of class ... is big" (or any HTB) kernel warning."""
-    import subprocess
-
-    def htb_lines() -> list[str]:
-        log = subprocess.run(["dmesg"], capture_output=True, text=True, check=True).stdout
-        return [line for line in log.splitlines() if "htb" in line.lower()]
-
-    before = htb_lines()
-    rate = 2_000_000_000
-    with RunningFabric(probe_topology(rate, pcie=4 * rate, storage=4 * rate)) as fabric:
-        assert fabric.plan.host("n0g0").interface("cnic").prioritized
-    assert htb_lines() == before
