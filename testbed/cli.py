@@ -201,11 +201,16 @@ def cmd_request(args: argparse.Namespace) -> int:
                                          if h.role == "decode")
     spec = RequestSpec(args.model, args.context, args.append, args.generate, args.path,
                        args.prefill_gpu, decode_gpu, args.oracle)
+    from testbed.cpuwatch import CpuWatch
     try:
-        report = run_request(record, plan, spec)
+        with CpuWatch() as cpu:
+            report = run_request(record, plan, spec)
     except (OSError, RuntimeError) as exc:
         raise TestbedError(f"request failed: {exc}") from None
+    report["host_cpu"] = {"mean": cpu.mean, "saturated_share": cpu.saturated_share}
     print(json.dumps(report, indent=1) if args.json else request_table(report))
+    if cpu.warning():
+        print(cpu.warning(), file=sys.stderr)
     return 0
 
 

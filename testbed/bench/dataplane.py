@@ -23,6 +23,7 @@ from pathlib import Path
 
 from testbed import counters
 from testbed.agentset import AgentSet
+from testbed.cpuwatch import CpuWatch
 from testbed.fabric import Fabric
 from testbed.iperf import measure
 from testbed.plan import build_plan
@@ -126,7 +127,8 @@ def bench_cpu_limit() -> list[dict]:
             record = FabricRecord.read()
             before = counters.snapshot(record)
             started = time.monotonic()
-            results = run_together(plan, specs)
+            with CpuWatch(interval=0.2) as cpu:
+                results = run_together(plan, specs)
             moved = counters.delta(before, counters.snapshot(record))
             load_window = span([p["load_window"] for p, _ in results])
             h2d_windows = [span([d["h2d_window"]]) for _, d in results]
@@ -138,10 +140,11 @@ def bench_cpu_limit() -> list[dict]:
                         for i in range(topo.gpus_per_node)) / topo.gpus_per_node
         row = dict(scale=scale, snic_rate=snic_rate, snic_share=snic_share,
                    h2d_share=h2d_share, seconds=time.monotonic() - started,
-                   real_snic_gbit=topo.links.snic / 1e9)
+                   real_snic_gbit=topo.links.snic / 1e9, host_cpu=cpu.mean,
+                   cpu_saturated=cpu.saturated_share)
         rows.append(row)
         print(f"  scale {scale}: SNIC {snic_rate / 1e6:.0f} Mbit/s emulated, read at "
-              f"{snic_share:.1%}, H2D at {h2d_share:.1%}", flush=True)
+              f"{snic_share:.1%}, H2D at {h2d_share:.1%}, host CPU {cpu.mean:.0%}", flush=True)
     return rows
 
 
@@ -162,9 +165,10 @@ def main() -> None:
     print(f"\nagent CPU: {link['agent_cpu_seconds']:.2f} s for {link['real_gb_moved']:.0f} "
           f"real-cluster GB moved = {link['cpu_seconds_per_real_gb'] * 1e3:.2f} ms per real GB")
     print()
-    print(table(["SCALE", "SNIC (EMULATED)", "SNIC (REAL)", "SNIC READ", "H2D"], [
+    print(table(["SCALE", "SNIC (EMULATED)", "SNIC (REAL)", "SNIC READ", "H2D", "HOST CPU"], [
         [str(r["scale"]), f"{r['snic_rate'] / 1e6:.0f} Mbit/s", f"{r['real_snic_gbit']:.0f} Gbit/s",
-         f"{r['snic_share']:.1%}", f"{r['h2d_share']:.1%}"] for r in sweep]))
+         f"{r['snic_share']:.1%}", f"{r['h2d_share']:.1%}", f"{r['host_cpu']:.0%}"]
+        for r in sweep]))
     print(f"\nsmallest scale with both >= 95%: {min(faithful) if faithful else 'none'}")
 
     out = REPO / "results" / "bench-dataplane" / f"{started}.json"
