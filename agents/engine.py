@@ -110,7 +110,7 @@ class EngineAgent(Agent):
             try:
                 reply = await acall(scheduler, "fetch", timeout=10, group=self.host.node,
                                     role=self.role)
-            except (OSError, RuntimeError, asyncio.TimeoutError):
+            except (OSError, RuntimeError):
                 await asyncio.sleep(IDLE_FETCH_SECONDS)      # no scheduler running
                 continue
             for work in reply["assignments"]:

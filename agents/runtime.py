@@ -5,11 +5,14 @@ from __future__ import annotations
 import argparse
 import asyncio
 import logging
+import os
 import signal
 import sys
 
 from testbed.plan import ClusterPlan, Host, build_plan
 from testbed.topology import Topology
+
+STOP_SECONDS = 2.0
 
 
 class Agent:
@@ -63,5 +66,16 @@ def run(agent_class: type[Agent], extra_args=None) -> None:
         agent.log.info("ready")
         await stop.wait()
         agent.log.info("stopping")
+        # Python 3.11's wait_for can swallow a cancellation, leaving a task that never
+        # ends: give the tasks a moment to finish, then leave regardless.
+        tasks = [t for t in asyncio.all_tasks() if t is not asyncio.current_task()]
+        for task in tasks:
+            task.cancel()
+        _, stuck = await asyncio.wait(tasks, timeout=STOP_SECONDS) if tasks else ((), ())
+        if stuck:
+            agent.log.warning("%d tasks did not stop within %s s; exiting anyway",
+                              len(stuck), STOP_SECONDS)
+            logging.shutdown()
+            os._exit(0)
 
     asyncio.run(main())
