@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
 
 BUSY_LIMIT = 0.90      # above this share of all cores, a sample counts as CPU-bound
 
