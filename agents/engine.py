@@ -1,9 +1,10 @@
 """The engine agent: one per GPU host, prefill or decode.
 
-Prefill runs a request layer by layer: it loads layer L+1's KV from a node's DRAM while it
-computes layer L (compute is time from the model profile), runs the expert-parallel
-all-to-all with the other prefill GPUs (EF), then sends that layer's KV to the decode node:
-hit + miss KV on the PE read path, miss-token KV only on the DE read path.
+Prefill runs forward batches (FIFO, under a 300 ms attention quota) layer by layer: it loads
+layer L+1's KV from the nodes' DRAM while it computes layer L (time from the model profile),
+runs the expert-parallel all-to-all with the other prefill GPUs (EF), then sends that layer's
+KV to each request's decode node: hit + miss KV on the PE read path, miss-token KV only on
+the DE read path.
 
 Decode waits for the complete prompt KV in its node's DRAM, copies it in one bulk H2D,
 then runs decode steps (profile time plus an all-to-all with the other decode GPUs, EF),
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections import deque
 
 from agents import protocol
 from agents.control import acall
@@ -29,6 +31,7 @@ from testbed.profile import load_profile
 ALL_TO_ALL_PORT = 7004
 FETCH_SECONDS = 0.02          # how often a group leader pulls work while a scheduler runs
 IDLE_FETCH_SECONDS = 1.0
+PREFILL_QUOTA_SECONDS = 0.3  # attention time of one forward batch (paper §5.5)
 PERSIST_TOKENS = 64          # decode persists a block every 64 generated tokens (paper §3.3)
 
 
@@ -64,10 +67,13 @@ class EngineAgent(Agent):
         self.scale = self.plan.topology.scale
         self.gpu = asyncio.Lock()                 # one GPU: compute runs one kernel at a time
         self.batch: dict[int, DecodeJob] = {}     # decode: the requests stepping together
+        self.prefill_queue: deque[PrefillRun] = deque()
+        self.prefilling: asyncio.Task | None = None
         self.stepping: asyncio.Task | None = None
         self.counters = {"layer_bytes_received": 0, "kv_bytes_pushed": 0,
                          "prompt_bytes_fetched": 0, "persisted_bytes": 0,
-                         "all_to_all_bytes_sent": 0, "all_to_all_bytes_received": 0}
+                         "all_to_all_bytes_sent": 0, "all_to_all_bytes_received": 0,
+                         "prefill_batches": 0, "prefill_requests": 0}
         await protocol.serve(self.on_all_to_all, self.host.address("cnic"), ALL_TO_ALL_PORT,
                              protocol.DSCP_EF)
         group = [h for h in self.plan.of_kind("gpu") if h.node == self.host.node]
@@ -169,7 +175,32 @@ class EngineAgent(Agent):
 
     # -- prefill ----------------------------------------------------------------------------
     async def prefill(self, m: dict) -> dict:
-        return await PrefillRun(self, m).run()
+        """Queue a request for prefill; answers when its KV has left for the decode node."""
+        run = PrefillRun(self, m)
+        self.prefill_queue.append(run)
+        if self.prefilling is None or self.prefilling.done():
+            self.prefilling = asyncio.create_task(self.prefill_loop())
+        return await run.done
+
+    async def prefill_loop(self) -> None:
+        """Forward batches, one at a time, FIFO, while requests wait."""
+        while self.prefill_queue:
+            batch = [self.prefill_queue.popleft()]
+            budget = PREFILL_QUOTA_SECONDS - batch[0].attention_seconds
+            while self.prefill_queue:
+                run = self.prefill_queue[0]
+                if run.profile != batch[0].profile:
+                    break       # one model per forward pass
+                if run.layerwise != batch[0].layerwise or run.attention_seconds > budget:
+                    break
+                budget -= run.attention_seconds
+                batch.append(self.prefill_queue.popleft())
+            try:
+                await PrefillBatch(self, batch).run()
+            except Exception as exc:   # a bug, not a request's failure: fail the batch loudly
+                self.log.exception("prefill batch failed")
+                for run in batch:
+                    await run.fail(exc)
 
     async def drop(self, node: str, request: int) -> None:
         conn = Connection(self.address(node, "pcie"), NODE_PORT, protocol.DSCP_CS1)
@@ -286,9 +317,9 @@ class EngineAgent(Agent):
 
 
 class PrefillRun:
-    """One request's prefill on an engine: its KV loads layer by layer from the read node,
-    each layer computes (profile time, on the GPU lock) and runs its all-to-all, and each
-    layer's KV leaves for the decode node.
+    """One request's part in a prefill: its KV loads layer by layer from its read node, and
+    each layer's KV leaves for its decode node. Compute and the all-to-all belong to the
+    batch it runs in (`PrefillBatch`).
 
     m: request, model, hit, miss (blocks), path ('pe'|'de'), read_node, decode_node, oracle,
     layerwise (default true).
@@ -296,12 +327,13 @@ class PrefillRun:
 
     def __init__(self, engine: EngineAgent, m: dict):
         self.engine = engine
-        self.request, profile = int(m["request"]), load_profile(m["model"])
-        self.geometry = engine.geometry(profile)
+        self.request, self.profile = int(m["request"]), load_profile(m["model"])
+        self.geometry = engine.geometry(self.profile)
         self.hit, self.miss = parse_blocks(m["hit"]), parse_blocks(m["miss"])
         context, append = sum(t for _, t in self.hit), sum(t for _, t in self.miss)
-        self.layer_seconds = profile.prefill_layer_seconds(context, append)
-        self.a2a_bytes = round(profile.all_to_all_bytes(append) / engine.scale)
+        self.layer_seconds = self.profile.prefill_layer_seconds(context, append)
+        self.attention_seconds = self.profile.attention_seconds(context, append)
+        self.a2a_bytes = round(self.profile.all_to_all_bytes(append) / engine.scale)
         self.oracle, self.path = bool(m.get("oracle")), m["path"]
         self.layerwise = m.get("layerwise", True)
         if self.path not in ("pe", "de"):
@@ -321,56 +353,28 @@ class PrefillRun:
         self.received: dict[int, bytes] = {}     # hit KV per layer, as it arrived in "HBM"
         self.timings = dict.fromkeys(("load", "layer_wait", "compute", "all_to_all", "push"), 0.0)
         self.moved = {"layer_bytes": 0, "pushed_bytes": 0, "load_window": None}
+        self.started = time.monotonic()
+        self.done = asyncio.get_running_loop().create_future()
+        engine.unfinished[self.request] = context + append
 
-    async def run(self) -> dict:
-        engine, started = self.engine, time.monotonic()
-        engine.unfinished[self.request] = sum(t for _, t in self.hit + self.miss)
-        try:
-            await self.load()
-            await (self.run_layerwise() if self.layerwise else self.run_whole())
-        except BaseException:
-            # Neither node may keep KV for a request that will not complete.
-            await asyncio.gather(*(engine.drop(n, self.request) for n in self.nodes),
-                                 return_exceptions=True)
-            raise
-        finally:
-            engine.unfinished.pop(self.request, None)
-            self.load_conn.reset()
-            self.push_conn.reset()
-        return {"seconds": time.monotonic() - started, "timings": self.timings, **self.moved,
-                "verifier": engine.verifier.stats()}
+    def finish(self) -> None:
+        self._close()
+        self.done.set_result({"seconds": time.monotonic() - self.started,
+                              "timings": self.timings, **self.moved,
+                              "verifier": self.engine.verifier.stats()})
 
-    async def run_layerwise(self) -> None:
-        """Layer L+1's KV loads while layer L computes; layer L's KV leaves while layer L+1
-        computes."""
-        loading, pushing = asyncio.create_task(self.load_layer(0)), None
-        try:
-            for layer in range(self.geometry.layers):
-                t = time.monotonic()
-                await loading
-                self.timings["layer_wait"] += time.monotonic() - t
-                if layer + 1 < self.geometry.layers:
-                    loading = asyncio.create_task(self.load_layer(layer + 1))
-                await self.compute(layer)
-                if pushing:
-                    await pushing
-                pushing = asyncio.create_task(self.push_layer(layer))
-            await pushing
-        finally:
-            for task in (loading, pushing):
-                if task is not None and not task.done():
-                    task.cancel()
+    async def fail(self, error: BaseException) -> None:
+        """Neither node may keep KV for a request that will not complete."""
+        await asyncio.gather(*(self.engine.drop(n, self.request) for n in self.nodes),
+                             return_exceptions=True)
+        self._close()
+        if not self.done.done():
+            self.done.set_exception(error)
 
-    async def run_whole(self) -> None:
-        """Without layerwise prefill: all KV into HBM, compute, then all KV out."""
-        t = time.monotonic()
-        for layer in range(self.geometry.layers):
-            await self.load_layer(layer)
-        self.timings["layer_wait"] += time.monotonic() - t
-        for layer in range(self.geometry.layers):
-            await self.compute(layer)
-        for layer in range(self.geometry.layers):
-            await self.push_layer(layer)
+    def _close(self) -> None:
+        self.engine.unfinished.pop(self.request, None)
+        self.load_conn.reset()
+        self.push_conn.reset()
 
     async def load(self) -> None:
         """The hit KV's Full Blocks, from storage into the read node's DRAM."""
@@ -396,14 +400,6 @@ class PrefillRun:
         self.moved["layer_bytes"] += len(data.payload)
         self.received[layer] = data.payload
 
-    async def compute(self, layer: int) -> None:
-        t = time.monotonic()
-        async with self.engine.gpu:
-            await asyncio.sleep(self.layer_seconds)
-        self.timings["compute"] += time.monotonic() - t
-        self.timings["all_to_all"] += await self.engine.all_to_all(self.request, layer,
-                                                                   self.a2a_bytes)
-
     async def push_layer(self, layer: int) -> None:
         if self.oracle or not self.sent:
             return
@@ -421,6 +417,86 @@ class PrefillRun:
         self.engine.counters["kv_bytes_pushed"] += len(data.payload)
         self.moved["pushed_bytes"] += len(data.payload)
         self.timings["push"] += time.monotonic() - t
+
+
+class PrefillBatch:
+    """Requests one prefill engine runs as one forward pass (paper §5.5): every layer
+    computes once for all of them, on the GPU lock for the sum of their compute times, with
+    one all-to-all carrying all their tokens. A request that fails leaves the batch; the
+    others go on."""
+
+    def __init__(self, engine: EngineAgent, runs: list[PrefillRun]):
+        self.engine, self.runs = engine, runs
+        self.layers = runs[0].geometry.layers
+
+    async def run(self) -> None:
+        self.engine.counters["prefill_batches"] += 1
+        self.engine.counters["prefill_requests"] += len(self.runs)
+        await self.each(PrefillRun.load)
+        if self.runs and self.runs[0].layerwise:
+            await self.layerwise()
+        elif self.runs:
+            await self.whole()
+        for run in self.runs:
+            run.finish()
+
+    async def each(self, step, *args) -> None:
+        """`step` for every request still in the batch, together; failures leave it."""
+        runs = list(self.runs)
+        results = await asyncio.gather(*(step(run, *args) for run in runs),
+                                       return_exceptions=True)
+        for run, result in zip(runs, results):
+            if isinstance(result, BaseException):
+                self.runs.remove(run)
+                await run.fail(result)
+
+    async def layerwise(self) -> None:
+        """Layer L+1's KV loads while layer L computes; layer L's KV leaves while layer L+1
+        computes."""
+        loading = asyncio.create_task(self.each(PrefillRun.load_layer, 0))
+        pushing = None
+        try:
+            for layer in range(self.layers):
+                t = time.monotonic()
+                await loading
+                self.charge("layer_wait", time.monotonic() - t)
+                if layer + 1 < self.layers:
+                    loading = asyncio.create_task(self.each(PrefillRun.load_layer, layer + 1))
+                await self.compute(layer)
+                if pushing:
+                    await pushing
+                pushing = asyncio.create_task(self.each(PrefillRun.push_layer, layer))
+            await pushing
+        finally:
+            for task in (loading, pushing):
+                if task is not None and not task.done():
+                    task.cancel()
+
+    async def whole(self) -> None:
+        """Without layerwise prefill: all KV into HBM, compute, then all KV out."""
+        t = time.monotonic()
+        for layer in range(self.layers):
+            await self.each(PrefillRun.load_layer, layer)
+        self.charge("layer_wait", time.monotonic() - t)
+        for layer in range(self.layers):
+            await self.compute(layer)
+        for layer in range(self.layers):
+            await self.each(PrefillRun.push_layer, layer)
+
+    async def compute(self, layer: int) -> None:
+        if not self.runs:
+            return
+        t = time.monotonic()
+        async with self.engine.gpu:
+            await asyncio.sleep(sum(run.layer_seconds for run in self.runs))
+        self.charge("compute", time.monotonic() - t)
+        lead = self.runs[0].request
+        self.charge("all_to_all", await self.engine.all_to_all(
+            lead, layer, sum(run.a2a_bytes for run in self.runs)))
+
+    def charge(self, phase: str, seconds: float) -> None:
+        for run in self.runs:
+            run.timings[phase] += seconds
 
 
 class DecodeJob:

@@ -138,6 +138,15 @@ class ModelProfile(Spec):
         """One layer's share of prefill_seconds (layers are taken as equal)."""
         return self.prefill_seconds(context_tokens, appended_tokens) / self.layers.value
 
+    def attention_seconds(self, context_tokens: float, appended_tokens: float) -> float:
+        """The attention part of prefill_seconds, over all layers: what the 300 ms batching
+        quota of the paper's §5.5 bounds. The paper does not say whether the quota is per
+        layer or per forward pass; per layer, no realistic batch would ever reach it."""
+        appended = _tokens(appended_tokens)
+        flops = (self.prefill.attention_flops_per_context_token.value
+                 * (_tokens(context_tokens) + appended / 2) * appended)
+        return flops / self.prefill.gpu_flops.value
+
     # --------------------------------------------------------------------------- decode
 
     def decode_step_seconds(self, batch_context_tokens: float) -> float:

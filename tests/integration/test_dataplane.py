@@ -131,16 +131,29 @@ def test_de_path_without_appended_tokens(cluster):
 
 def test_concurrent_requests_on_one_prefill_engine(cluster):
     """Four requests at once through the same prefill and decode GPUs, on both paths: all
-    complete, every byte verified, and the nodes' DRAM is empty afterwards."""
+    complete, every byte verified, they share forward batches, and the nodes' DRAM is empty
+    afterwards."""
     from concurrent.futures import ThreadPoolExecutor
     from agents.control import call
-    paths = ["pe", "de", "pe", "de"]
-    with ThreadPoolExecutor(4) as pool:
-        reports = list(pool.map(lambda p: request(cluster, p, context=16384, generate=70), paths))
-    for r in reports:
-        assert r["decode"]["prompt_bytes"] == r["hit_kv_bytes"] + r["miss_kv_bytes"]
-        assert r["decode"]["verifier"]["corrupt_bytes"] == 0
-        assert r["decode"]["steps"] == 70
+    from testbed.request import decode, prefill
+    plan = cluster.plan
+    engine = plan.host("n0g0").address("mgmt")
+    before = call(engine, "stats")
+    reqs = [prepare(plan, RequestSpec("ds-27b", 16384, 429, 70, path, "n0g0", "n1g0"))
+            for path in ("pe", "de", "pe", "de")]
+    for req in reqs:
+        seed(plan, req)
+    with ThreadPoolExecutor(8) as pool:   # decodes wait for their prompts; prefills batch
+        decodes = [pool.submit(decode, plan, req) for req in reqs]
+        prefills = [pool.submit(prefill, plan, req) for req in reqs]
+        results = [(p.result(), d.result()) for p, d in zip(prefills, decodes)]
+    after = call(engine, "stats")
+    assert after["prefill_requests"] - before["prefill_requests"] == 4
+    assert after["prefill_batches"] - before["prefill_batches"] < 4     # some ran together
+    for req, (_, d) in zip(reqs, results):
+        assert d["prompt_bytes"] == req.geometry.blocks_bytes(req.hit + req.miss)
+        assert d["verifier"]["corrupt_bytes"] == 0
+        assert d["steps"] == 70
     for node in ("n0", "n1"):
-        stats = call(cluster.plan.host(node).address("mgmt"), "stats")
+        stats = call(plan.host(node).address("mgmt"), "stats")
         assert stats["buffer_used"] == 0 and stats["requests_in_dram"] == 0, stats
