@@ -4,13 +4,14 @@ TESTBED := $(VENV)/bin/testbed
 PYTEST := $(VENV)/bin/pytest
 TOPOLOGY ?= topologies/1p1d.yaml
 
-.PHONY: help setup test test-unit fabric-up fabric-down clean bench-fabric bench-dataplane
+.PHONY: help setup test test-unit fabric-up fabric-down clean scenario bench-fabric bench-dataplane
 
 help:
 	@echo "make setup          install packages, the Docker daemon, the virtualenv, the agent image"
 	@echo "make test           run the whole test suite (unit + integration, as root)"
 	@echo "make test-unit      only the quick tests that need no root"
 	@echo "make fabric-up      bring TOPOLOGY (default $(TOPOLOGY)) up until Ctrl-C"
+	@echo "make scenario NAME=x run scenarios/x.yaml: each policy on the same workload"
 	@echo "make clean          remove every leftover of earlier runs"
 	@echo "make bench-fabric   link rates against iperf3, isolation shares, startup/teardown times"
 	@echo "make bench-dataplane agent throughput against iperf3, CPU per GB, where the CPU limits"
@@ -35,6 +36,10 @@ clean:
 
 bench-fabric:
 	$(VENV)/bin/python -m testbed.bench.fabric
+
+scenario:
+	@test -n "$(NAME)" || { echo "usage: make scenario NAME=<a file in scenarios/>"; exit 2; }
+	$(TESTBED) scenario run $(NAME)
 
 bench-dataplane:
 	$(VENV)/bin/python -m testbed.bench.dataplane

@@ -176,11 +176,11 @@ class EngineAgent(Agent):
     # -- prefill ----------------------------------------------------------------------------
     async def prefill(self, m: dict) -> dict:
         """Queue a request for prefill; answers when its KV has left for the decode node."""
-        run = PrefillRun(self, m)
-        self.prefill_queue.append(run)
+        queued = PrefillRun(self, m)
+        self.prefill_queue.append(queued)
         if self.prefilling is None or self.prefilling.done():
             self.prefilling = asyncio.create_task(self.prefill_loop())
-        return await run.done
+        return await queued.done
 
     async def prefill_loop(self) -> None:
         """Forward batches, one at a time, FIFO, while requests wait."""
@@ -188,19 +188,19 @@ class EngineAgent(Agent):
             batch = [self.prefill_queue.popleft()]
             budget = PREFILL_QUOTA_SECONDS - batch[0].attention_seconds
             while self.prefill_queue:
-                run = self.prefill_queue[0]
-                if run.profile != batch[0].profile:
+                head = self.prefill_queue[0]
+                if head.profile != batch[0].profile:
                     break       # one model per forward pass
-                if run.layerwise != batch[0].layerwise or run.attention_seconds > budget:
+                if head.layerwise != batch[0].layerwise or head.attention_seconds > budget:
                     break
-                budget -= run.attention_seconds
+                budget -= head.attention_seconds
                 batch.append(self.prefill_queue.popleft())
             try:
                 await PrefillBatch(self, batch).run()
             except Exception as exc:   # a bug, not a request's failure: fail the batch loudly
                 self.log.exception("prefill batch failed")
-                for run in batch:
-                    await run.fail(exc)
+                for member in batch:
+                    await member.fail(exc)
 
     async def drop(self, node: str, request: int) -> None:
         conn = Connection(self.address(node, "pcie"), NODE_PORT, protocol.DSCP_CS1)
@@ -437,18 +437,18 @@ class PrefillBatch:
             await self.layerwise()
         elif self.runs:
             await self.whole()
-        for run in self.runs:
-            run.finish()
+        for member in self.runs:
+            member.finish()
 
     async def each(self, step, *args) -> None:
         """`step` for every request still in the batch, together; failures leave it."""
         runs = list(self.runs)
-        results = await asyncio.gather(*(step(run, *args) for run in runs),
+        results = await asyncio.gather(*(step(member, *args) for member in runs),
                                        return_exceptions=True)
-        for run, result in zip(runs, results):
+        for member, result in zip(runs, results):
             if isinstance(result, BaseException):
-                self.runs.remove(run)
-                await run.fail(result)
+                self.runs.remove(member)
+                await member.fail(result)
 
     async def layerwise(self) -> None:
         """Layer L+1's KV loads while layer L computes; layer L's KV leaves while layer L+1
@@ -488,15 +488,15 @@ class PrefillBatch:
             return
         t = time.monotonic()
         async with self.engine.gpu:
-            await asyncio.sleep(sum(run.layer_seconds for run in self.runs))
+            await asyncio.sleep(sum(member.layer_seconds for member in self.runs))
         self.charge("compute", time.monotonic() - t)
         lead = self.runs[0].request
         self.charge("all_to_all", await self.engine.all_to_all(
-            lead, layer, sum(run.a2a_bytes for run in self.runs)))
+            lead, layer, sum(member.a2a_bytes for member in self.runs)))
 
     def charge(self, phase: str, seconds: float) -> None:
-        for run in self.runs:
-            run.timings[phase] += seconds
+        for member in self.runs:
+            member.timings[phase] += seconds
 
 
 class DecodeJob:

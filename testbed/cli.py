@@ -214,6 +214,25 @@ def cmd_request(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_scenario_run(args: argparse.Namespace) -> int:
+    from testbed.runner import run_scenario
+    from testbed.scenario import load_scenario
+    from testbed.state import fabric_running
+    scenario = load_scenario(args.scenario)
+    if fabric_running():
+        raise TestbedError("a fabric is up: a scenario brings up its own; "
+                           "`testbed fabric down` first")
+    signal.signal(signal.SIGTERM, _raise_stop)
+    try:
+        run_scenario(scenario)
+    except (KeyboardInterrupt, Stop):
+        print("\nscenario interrupted; its cluster was torn down", file=sys.stderr)
+        return 130
+    except (OSError, RuntimeError) as exc:
+        raise TestbedError(f"scenario {scenario.name} failed: {exc}") from None
+    return 0
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     from testbed import cleanup
     found = cleanup.remove_leftovers()
@@ -267,6 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     req.add_argument("--oracle", action="store_true", help="skip all KV I/O")
     req.add_argument("--json", action="store_true", help="print the full report as JSON")
     req.set_defaults(func=cmd_request)
+
+    scenario = sub.add_parser("scenario", help="scenario files").add_subparsers(
+        dest="scenario_command", required=True, metavar="ACTION")
+    srun = scenario.add_parser("run", help="run a scenario: each policy on the same workload")
+    srun.add_argument("scenario", help="a name in scenarios/ or a path")
+    srun.set_defaults(func=cmd_scenario_run)
 
     sub.add_parser("clean", help="remove every leftover of earlier runs").set_defaults(
         func=cmd_clean)

@@ -26,8 +26,8 @@ import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from testbed.errors import TestbedError
-from testbed.topology import (Spec, _describe_error, _describe_yaml_error, _show,
-                              _UniqueKeyLoader)
+from testbed.topology import (Spec, _describe_yaml_error, _show,
+                              _UniqueKeyLoader, validation_message)
 
 MODELS_DIR = Path(__file__).parents[1] / "models"
 
@@ -222,11 +222,5 @@ def load_profile(name_or_path: str | Path) -> ModelProfile:
     try:
         return ModelProfile.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        # A misspelt field also makes the real one "missing": name the misspelling first.
-        errors.sort(key=lambda error: error["type"] != "extra_forbidden")
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        message = _describe_error(errors[0], ModelProfile)
-        if named_by_file and tuple(errors[0]["loc"]) == ("name",):
-            message += " (the name defaults to the file name; set name: to override it)"
-        raise TestbedError(f"{path}: {message}{more}") from None
+        message = validation_message(exc, ModelProfile, named_by_file=named_by_file)
+        raise TestbedError(f"{path}: {message}") from None

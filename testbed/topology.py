@@ -197,6 +197,17 @@ def _describe_yaml_error(path: Path, text: str, exc: yaml.YAMLError) -> str:
     return f"{path}{where}: invalid YAML: {problem}{got}{expected}"
 
 
+def validation_message(exc: ValidationError, root: type[BaseModel], describe=None,
+                       named_by_file: bool = False) -> str:
+    """One line for a failed validation of a `root` file: its first error, and how many more.
+    A misspelt field also makes the real one "missing": the misspelling is named first."""
+    errors = sorted(exc.errors(), key=lambda error: error["type"] != "extra_forbidden")
+    message = describe(errors[0]) if describe else _describe_error(errors[0], root)
+    if named_by_file and tuple(errors[0]["loc"]) == ("name",):
+        message += " (the name defaults to the file name; set name: to override it)"
+    return message + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
+
+
 def load_topology(path: str | Path, **overrides: Any) -> Topology:
     """Read and validate a topology file. `overrides` replace top-level fields (tests, CLI)."""
     path = Path(path)
@@ -221,14 +232,8 @@ def load_topology(path: str | Path, **overrides: Any) -> Topology:
     try:
         return Topology.model_validate(data)
     except ValidationError as exc:
-        errors = exc.errors()
-        # A misspelt field also makes the real one "missing": name the misspelling first.
-        errors.sort(key=lambda error: error["type"] != "extra_forbidden")
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        message = _describe_error(errors[0])
-        if named_by_file and tuple(errors[0]["loc"]) == ("name",):
-            message += " (the name defaults to the file name; set name: to override it)"
-        raise TestbedError(f"{path}: {message}{more}") from None
+        message = validation_message(exc, Topology, named_by_file=named_by_file)
+        raise TestbedError(f"{path}: {message}") from None
 
 
 def probe_topology(rate: int, backend: str = "netns", **faster: int) -> Topology:

@@ -30,7 +30,8 @@ from pydantic import Field, StringConstraints, ValidationError, model_validator
 
 from testbed.errors import TestbedError
 from testbed.profile import PositiveCount, PositiveNumber, Sourced
-from testbed.topology import Spec, _describe_error, _describe_yaml_error, _show, _UniqueKeyLoader
+from testbed.topology import (Spec, _describe_error, _describe_yaml_error, _show,
+                              _UniqueKeyLoader, validation_message)
 
 WORKLOADS_DIR = Path(__file__).parents[1] / "workloads"
 DATASETS_FILE = WORKLOADS_DIR / "datasets.yaml"
@@ -254,10 +255,8 @@ def load_datasets(path: str | Path = DATASETS_FILE) -> dict[str, DatasetProfile]
     try:
         return dict(DatasetFile.model_validate(data).datasets)
     except ValidationError as exc:
-        errors = exc.errors()
-        errors.sort(key=lambda error: error["type"] != "extra_forbidden")
-        more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-        raise TestbedError(f"{path}: {_describe_dataset_error(errors[0])}{more}") from None
+        message = validation_message(exc, DatasetFile, describe=_describe_dataset_error)
+        raise TestbedError(f"{path}: {message}") from None
 
 
 _CACHE: dict[Path, dict[str, DatasetProfile]] = {}

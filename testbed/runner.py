@@ -1,0 +1,181 @@
+"""Running a scenario: for each policy, a fresh cluster, the same workload, one report.
+
+The client runs every agent trajectory turn after turn, back to back (no tool latency):
+each turn is submitted to the scheduler, which places it; the next turn starts when the
+previous one has finished decoding. A turn's hit KV is everything the trajectory stored
+before: its earlier prompts (persisted by the decode node) and its generated blocks (64
+tokens each); generated tokens not yet in a full block are recomputed as misses.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import csv
+import json
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from agents.control import acall
+from agents.kv import Block
+from agents.scheduling import alpha_tokens, beta_tokens
+from testbed import counters
+from testbed.agentset import AgentSet
+from testbed.cpuwatch import CpuWatch
+from testbed.fabric import Fabric
+from testbed.plan import ClusterPlan, build_plan
+from testbed.profile import ModelProfile, load_profile
+from testbed.report import table
+from testbed.request import GENERATED_BLOCKS, MISS_BLOCKS, split
+from testbed.scenario import REPO, Scenario
+from testbed.state import FabricRecord
+from testbed.topology import load_topology
+from testbed.workload import Trajectory, generate_trajectories
+
+HBM_KV_BYTES = 40e9      # estimate: an 80 GB GPU less weights and activations, for decode KV
+PROGRESS_SECONDS = 2.0
+
+
+@dataclass
+class Agent:
+    """One trajectory being replayed, and the KV it has stored so far."""
+    trajectory: Trajectory
+    stored: list[Block] = field(default_factory=list)
+    finished: float | None = None
+
+    @property
+    def stored_tokens(self) -> int:
+        return sum(t for _, t in self.stored)
+
+
+def thresholds(plan: ClusterPlan, profile: ModelProfile, context: int, append: int) -> dict:
+    """alpha: 3 s of one node's SNIC; beta: 5 s of one GPU's prefill; decode HBM in tokens."""
+    topo = plan.topology
+    per_token = profile.prefill_seconds(context, append) / max(1, context + append)
+    return {"alpha": alpha_tokens(topo.links.snic / 8, profile.kv_bytes_per_token),
+            "beta": beta_tokens(per_token),
+            "hbm_tokens": int(HBM_KV_BYTES / profile.kv_bytes_per_token)}
+
+
+async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict],
+                    started: float) -> None:
+    for number, turn in enumerate(agent.trajectory.turns):
+        request = random.randrange(1, 1 << 46)
+        base = request << 16
+        hit = list(agent.stored)
+        miss = split(turn.context - agent.stored_tokens + turn.append, base + MISS_BLOCKS)
+        result = await acall(scheduler, "submit", request=request, model=model, hit=hit,
+                             miss=miss, generate=turn.generate,
+                             generated_block_base=base + GENERATED_BLOCKS)
+        decode, prefill = result["decode"], result["prefill"]
+        agent.stored += miss + [tuple(b) for b in decode["persisted"]]
+        records.append({
+            "trajectory": agent.trajectory.id, "turn": number, "request": request,
+            "hit_tokens": sum(t for _, t in hit), "miss_tokens": sum(t for _, t in miss),
+            "generated": turn.generate, "path": result["path"], "pe": result["pe"],
+            "de": result["de"], "submitted": result["submitted"] - started,
+            "ttft": (decode["first_token_wall"] or time.time()) - result["submitted"],
+            "tpot": decode["tpot"], "prefill_seconds": prefill["seconds"],
+            "prompt_bytes_verified": decode["prompt_bytes"],
+            "corrupt_bytes": decode["verifier"]["corrupt_bytes"]})
+    agent.finished = time.time() - started
+
+
+async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
+                       trajectories: list[Trajectory]) -> dict:
+    scheduler = plan.host("sched").address("mgmt")
+    profile = load_profile(scenario.model)
+    turns = [t for tr in trajectories for t in tr.turns]
+    mean_context = sum(t.context for t in turns) // len(turns)
+    mean_append = sum(t.append for t in turns) // len(turns)
+    await acall(scheduler, "configure", policy=policy,
+                **thresholds(plan, profile, mean_context, mean_append))
+    agents = [Agent(t) for t in trajectories]
+    records: list[dict] = []
+    started = time.time()
+    tasks = [asyncio.create_task(run_agent(a, scheduler, scenario.model, records, started))
+             for a in agents]
+    while not all(t.done() for t in tasks):
+        await asyncio.wait(tasks, timeout=PROGRESS_SECONDS)
+        done = sum(a.finished is not None for a in agents)
+        tokens = sum(r["hit_tokens"] + r["miss_tokens"] + r["generated"] for r in records)
+        elapsed = time.time() - started
+        print(f"  {policy}: {elapsed:6.1f} s, agents {done}/{len(agents)} done, "
+              f"{len(records)} turns, {tokens / elapsed / 1e3:.1f} K tokens/s", flush=True)
+    for task in tasks:
+        task.result()          # a failed turn fails the run, with its reason
+    return {"policy": policy, "jct": max(a.finished for a in agents), "records": records}
+
+
+def run_policy(scenario: Scenario, policy: str, trajectories: list[Trajectory]) -> dict:
+    topology = load_topology(REPO / scenario.topology)
+    fabric = Fabric(build_plan(topology), str(REPO / scenario.topology))
+    agents = AgentSet(fabric)
+    fabric.up()
+    try:
+        agents.start()
+        record = FabricRecord.read()
+        before = counters.snapshot(record)
+        with CpuWatch() as cpu:
+            result = asyncio.run(run_workload(fabric.plan, scenario, policy, trajectories))
+        moved = counters.delta(before, counters.snapshot(record))
+    finally:
+        agents.stop()
+        fabric.down()
+    snic = {n.name: moved.get((n.name, "snic", "rx"), 0) * topology.scale
+            for n in fabric.plan.of_kind("node")}
+    result.update(snic_read_bytes=snic, host_cpu=cpu.mean, cpu_warning=cpu.warning())
+    return result
+
+
+def summarize(result: dict) -> dict:
+    records = result["records"]
+    snic = list(result["snic_read_bytes"].values())
+    mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
+    return {"policy": result["policy"], "jct": result["jct"], "turns": len(records),
+            "ttft": mean("ttft"), "tpot": mean("tpot"),
+            "de_reads": sum(r["path"] == "de" for r in records) / len(records),
+            "snic_max_over_avg": max(snic) / (sum(snic) / len(snic)) if sum(snic) else 0.0,
+            "verified_bytes": sum(r["prompt_bytes_verified"] for r in records),
+            "corrupt_bytes": sum(r["corrupt_bytes"] for r in records),
+            "host_cpu": result["host_cpu"]}
+
+
+def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> Path:
+    w = scenario.workload
+    trajectories = generate_trajectories(w.dataset, w.agents, w.seed)
+    if w.max_turns:
+        trajectories = [Trajectory(t.id, t.turns[:w.max_turns], salt=t.salt)
+                        for t in trajectories]
+    print(f"scenario {scenario.name}: {len(trajectories)} agents, "
+          f"{sum(len(t.turns) for t in trajectories)} turns, policies "
+          f"{', '.join(scenario.policies)}", flush=True)
+    results = [run_policy(scenario, policy, trajectories) for policy in scenario.policies]
+    summaries = [summarize(r) for r in results]
+
+    out = results_root / scenario.name / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "results.json").write_text(json.dumps(
+        {"scenario": scenario.model_dump(), "summaries": summaries, "results": results},
+        indent=1))
+    with open(out / "requests.csv", "w", newline="") as f:
+        rows = [{"policy": r["policy"], **rec} for r in results for rec in r["records"]]
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    text = table(["POLICY", "JCT", "TURNS", "MEAN TTFT", "MEAN TPOT", "DE READS",
+                  "SNIC MAX/AVG", "VERIFIED", "CORRUPT", "HOST CPU"],
+                 [[s["policy"], f"{s['jct']:.1f} s", str(s["turns"]), f"{s['ttft']:.3f} s",
+                   f"{s['tpot'] * 1e3:.1f} ms", f"{s['de_reads']:.0%}",
+                   f"{s['snic_max_over_avg']:.2f}", f"{s['verified_bytes']} B",
+                   str(s["corrupt_bytes"]), f"{s['host_cpu']:.0%}"] for s in summaries])
+    warnings = [f"{r['policy']}: {r['cpu_warning']}" for r in results if r["cpu_warning"]]
+    (out / "summary.md").write_text(
+        f"# {scenario.name}\n\n{scenario.description}\n\n```\n{text}\n```\n"
+        + "".join(f"\n{w}\n" for w in warnings))
+    print("\n" + text)
+    for warning in warnings:
+        print(warning)
+    print(f"\nwritten {out.relative_to(results_root.parent) if out.is_relative_to(REPO) else out}")
+    return out

@@ -1,0 +1,73 @@
+"""Scenario files: a topology, a model, a workload and the policies to compare.
+
+    description: one line for the report
+    topology: topologies/1p1d.yaml      # relative to the repository
+    model: ds-27b
+    workload: {dataset: 64k, agents: 8, seed: 1, max_turns: 4}
+    policies: [basic, dualpath]
+
+Any problem is reported as one line naming the file, the field, the value and what was
+expected, as for topologies.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import yaml
+from pydantic import Field, ValidationError, field_validator
+
+from testbed.errors import TestbedError
+from testbed.topology import Spec, validation_message
+
+REPO = Path(__file__).resolve().parent.parent
+SCENARIOS = REPO / "scenarios"
+
+
+class Workload(Spec):
+    kind: Literal["offline"] = "offline"     # all agents start at t = 0; the metric is JCT
+    dataset: str = "64k"
+    agents: int = Field(ge=1, le=4096, strict=True)
+    seed: int = Field(default=1, strict=True)
+    max_turns: int | None = Field(default=None, ge=1, strict=True,
+                                  description="keep only each trajectory's first turns")
+
+
+class Scenario(Spec):
+    name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
+    description: str = ""
+    topology: str
+    model: str
+    workload: Workload
+    policies: list[str] = Field(min_length=1)
+
+    @field_validator("topology")
+    @classmethod
+    def topology_exists(cls, value: str) -> str:
+        if not (REPO / value).is_file():
+            raise ValueError("expected a topology file under the repository, such as "
+                             "topologies/1p1d.yaml")
+        return value
+
+
+def load_scenario(name_or_path: str) -> Scenario:
+    """A scenario by name (scenarios/NAME.yaml) or by path."""
+    path = Path(name_or_path)
+    if not path.suffix:
+        path = SCENARIOS / f"{name_or_path}.yaml"
+    try:
+        data = yaml.safe_load(path.read_text())
+    except OSError as exc:
+        known = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.yaml")))
+        raise TestbedError(f"{path}: cannot read ({exc.strerror}); scenarios: {known}") from None
+    except yaml.YAMLError as exc:
+        raise TestbedError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(data, dict):
+        raise TestbedError(f"{path}: (top level): got {type(data).__name__}, expected a "
+                           "mapping of scenario fields")
+    data.setdefault("name", path.stem)
+    try:
+        return Scenario.model_validate(data)
+    except ValidationError as exc:
+        raise TestbedError(f"{path}: {validation_message(exc, Scenario)}") from None
