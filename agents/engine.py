@@ -89,7 +89,7 @@ class EngineAgent(Agent):
                 "unfinished_tokens": sum(self.unfinished.values())}
 
     def geometry(self, profile) -> Geometry:
-        return Geometry(profile.layers.value, profile.kv_bytes_per_token_layer.value / self.scale)
+        return Geometry.of(profile, self.scale)
 
     def connection(self, host: str, intf: str, port: int, dscp: int, purpose: str) -> Connection:
         key = (host, port, purpose)

@@ -20,6 +20,11 @@ class Geometry:
     layer_bytes_per_token: float     # scaled: real KV bytes per token per layer / scale
 
     @classmethod
+    def of(cls, profile, scale: float) -> "Geometry":
+        """A model profile's KV geometry, with bytes divided by the scale."""
+        return cls(profile.layers.value, profile.kv_bytes_per_token_layer.value / scale)
+
+    @classmethod
     def from_json(cls, value) -> "Geometry":
         try:
             layers, per_token = value

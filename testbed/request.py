@@ -85,8 +85,7 @@ class PreparedRequest:
 def prepare(plan: ClusterPlan, spec: RequestSpec) -> PreparedRequest:
     check_spec(spec, plan)
     profile = load_profile(spec.model)
-    geometry = Geometry(profile.layers.value,
-                        profile.kv_bytes_per_token_layer.value / plan.topology.scale)
+    geometry = Geometry.of(profile, plan.topology.scale)
     request = random.randrange(1, 1 << 46)   # block ids are request << 16 + index (u64)
     base = request << 16
     return PreparedRequest(spec, request, profile, geometry,
@@ -103,13 +102,17 @@ def storage_hosts(plan: ClusterPlan, block_id: int) -> list[str]:
 
 def seed(plan: ClusterPlan, req: PreparedRequest) -> None:
     """Write the context's KV on the storage hosts, off the network."""
+    seed_blocks(plan, req.geometry, req.hit)
+
+
+def seed_blocks(plan: ClusterPlan, geometry: Geometry, blocks: list[Block]) -> None:
+    """Write blocks on their storage hosts (and replicas) directly, off the network."""
     by_host: dict[str, list[Block]] = {}
-    for block in req.hit:
+    for block in blocks:
         for host in storage_hosts(plan, block[0]):
             by_host.setdefault(host, []).append(block)
-    for host, blocks in by_host.items():
-        call(plan.host(host).address("mgmt"), "seed", geometry=req.geometry.to_json(),
-             blocks=blocks)
+    for host, held in by_host.items():
+        call(plan.host(host).address("mgmt"), "seed", geometry=geometry.to_json(), blocks=held)
 
 
 def prefill(plan: ClusterPlan, req: PreparedRequest) -> dict:

@@ -1,6 +1,7 @@
 """Running a scenario: for each policy, a fresh cluster, the same workload, one report.
 
-The client runs every agent trajectory turn after turn, back to back (no tool latency):
+The client runs every agent trajectory turn after turn, back to back (no tool latency),
+from `start_turn` on (its context written to storage beforehand, off the network):
 each turn is submitted to the scheduler, which places it; the next turn starts when the
 previous one has finished decoding. A turn's hit KV is everything the trajectory stored
 before: its earlier prompts (persisted by the decode node) and its generated blocks (64
@@ -18,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.control import acall
-from agents.kv import Block
+from agents.kv import Block, Geometry
 from agents.scheduling import alpha_tokens, beta_tokens
 from testbed import counters
 from testbed.agentset import AgentSet
@@ -27,11 +28,12 @@ from testbed.fabric import Fabric
 from testbed.plan import ClusterPlan, build_plan
 from testbed.profile import ModelProfile, load_profile
 from testbed.report import table
-from testbed.request import GENERATED_BLOCKS, MISS_BLOCKS, split
+from testbed.errors import TestbedError
+from testbed.request import GENERATED_BLOCKS, MISS_BLOCKS, seed_blocks, split
 from testbed.scenario import REPO, Scenario
 from testbed.state import FabricRecord
 from testbed.topology import load_topology
-from testbed.workload import Trajectory, generate_trajectories
+from testbed.workload import Turn, generate_trajectories
 
 HBM_KV_BYTES = 40e9      # estimate: an 80 GB GPU less weights and activations, for decode KV
 PROGRESS_SECONDS = 2.0
@@ -39,8 +41,9 @@ PROGRESS_SECONDS = 2.0
 
 @dataclass
 class Agent:
-    """One trajectory being replayed, and the KV it has stored so far."""
-    trajectory: Trajectory
+    """The turns of one trajectory being replayed, and the KV it has stored so far."""
+    id: str
+    turns: tuple[Turn, ...]
     stored: list[Block] = field(default_factory=list)
     finished: float | None = None
 
@@ -60,7 +63,7 @@ def thresholds(plan: ClusterPlan, profile: ModelProfile, context: int, append: i
 
 async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict],
                     started: float) -> None:
-    for number, turn in enumerate(agent.trajectory.turns):
+    for number, turn in enumerate(agent.turns):
         request = random.randrange(1, 1 << 46)
         base = request << 16
         hit = list(agent.stored)
@@ -71,7 +74,7 @@ async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict
         decode, prefill = result["decode"], result["prefill"]
         agent.stored += miss + [tuple(b) for b in decode["persisted"]]
         records.append({
-            "trajectory": agent.trajectory.id, "turn": number, "request": request,
+            "trajectory": agent.id, "turn": number, "request": request,
             "hit_tokens": sum(t for _, t in hit), "miss_tokens": sum(t for _, t in miss),
             "generated": turn.generate, "path": result["path"], "pe": result["pe"],
             "de": result["de"], "submitted": result["submitted"] - started,
@@ -82,16 +85,28 @@ async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict
     agent.finished = time.time() - started
 
 
+def warm_start(plan: ClusterPlan, profile: ModelProfile, replays: list[tuple[str, tuple]],
+               ) -> list[Agent]:
+    """Agents whose first replayed turn finds its context in storage, written off-network."""
+    geometry = Geometry.of(profile, plan.topology.scale)
+    agents = []
+    for name, turns in replays:
+        stored = split(turns[0].context, random.randrange(1, 1 << 46) << 16)
+        seed_blocks(plan, geometry, stored)
+        agents.append(Agent(name, turns, stored))
+    return agents
+
+
 async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
-                       trajectories: list[Trajectory]) -> dict:
+                       replays: list[tuple[str, tuple]]) -> dict:
     scheduler = plan.host("sched").address("mgmt")
     profile = load_profile(scenario.model)
-    turns = [t for tr in trajectories for t in tr.turns]
+    turns = [t for _, ts in replays for t in ts]
     mean_context = sum(t.context for t in turns) // len(turns)
     mean_append = sum(t.append for t in turns) // len(turns)
     await acall(scheduler, "configure", policy=policy,
                 **thresholds(plan, profile, mean_context, mean_append))
-    agents = [Agent(t) for t in trajectories]
+    agents = warm_start(plan, profile, replays)
     records: list[dict] = []
     started = time.time()
     tasks = [asyncio.create_task(run_agent(a, scheduler, scenario.model, records, started))
@@ -108,7 +123,7 @@ async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
     return {"policy": policy, "jct": max(a.finished for a in agents), "records": records}
 
 
-def run_policy(scenario: Scenario, policy: str, trajectories: list[Trajectory]) -> dict:
+def run_policy(scenario: Scenario, policy: str, replays: list[tuple[str, tuple]]) -> dict:
     topology = load_topology(REPO / scenario.topology)
     fabric = Fabric(build_plan(topology), str(REPO / scenario.topology))
     agents = AgentSet(fabric)
@@ -118,7 +133,7 @@ def run_policy(scenario: Scenario, policy: str, trajectories: list[Trajectory]) 
         record = FabricRecord.read()
         before = counters.snapshot(record)
         with CpuWatch() as cpu:
-            result = asyncio.run(run_workload(fabric.plan, scenario, policy, trajectories))
+            result = asyncio.run(run_workload(fabric.plan, scenario, policy, replays))
         moved = counters.delta(before, counters.snapshot(record))
     finally:
         agents.stop()
@@ -144,14 +159,17 @@ def summarize(result: dict) -> dict:
 
 def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> Path:
     w = scenario.workload
-    trajectories = generate_trajectories(w.dataset, w.agents, w.seed)
-    if w.max_turns:
-        trajectories = [Trajectory(t.id, t.turns[:w.max_turns], salt=t.salt)
-                        for t in trajectories]
-    print(f"scenario {scenario.name}: {len(trajectories)} agents, "
-          f"{sum(len(t.turns) for t in trajectories)} turns, policies "
+    end = None if w.max_turns is None else w.start_turn + w.max_turns
+    replays = [(t.id, t.turns[w.start_turn:end])
+               for t in generate_trajectories(w.dataset, w.agents, w.seed)]
+    replays = [(name, turns) for name, turns in replays if turns]
+    if not replays:
+        raise TestbedError(f"workload.start_turn: got {w.start_turn}, expected fewer than the "
+                           "trajectories' turns")
+    print(f"scenario {scenario.name}: {len(replays)} agents, "
+          f"{sum(len(t) for _, t in replays)} turns, policies "
           f"{', '.join(scenario.policies)}", flush=True)
-    results = [run_policy(scenario, policy, trajectories) for policy in scenario.policies]
+    results = [run_policy(scenario, policy, replays) for policy in scenario.policies]
     summaries = [summarize(r) for r in results]
 
     out = results_root / scenario.name / time.strftime("%Y%m%d-%H%M%S")

@@ -3,7 +3,7 @@
     description: one line for the report
     topology: topologies/1p1d.yaml      # relative to the repository
     model: ds-27b
-    workload: {dataset: 64k, agents: 8, seed: 1, max_turns: 4}
+    workload: {dataset: 64k, agents: 8, seed: 1, start_turn: 0, max_turns: 4}
     policies: [basic, dualpath]
 
 Any problem is reported as one line naming the file, the field, the value and what was
@@ -30,8 +30,11 @@ class Workload(Spec):
     dataset: str = "64k"
     agents: int = Field(ge=1, le=4096, strict=True)
     seed: int = Field(default=1, strict=True)
+    start_turn: int = Field(default=0, ge=0, strict=True,
+                            description="replay from this turn on, its context already in "
+                                        "storage: the middle of long trajectories, at once")
     max_turns: int | None = Field(default=None, ge=1, strict=True,
-                                  description="keep only each trajectory's first turns")
+                                  description="replay at most this many turns per agent")
 
 
 class Scenario(Spec):

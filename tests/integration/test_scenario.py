@@ -27,4 +27,6 @@ def test_smoke_scenario_runs_every_policy_and_writes_its_report(tmp_path):
         rows = list(csv.DictReader(f))
     assert len(rows) == expected_turns * len(scenario.policies)
     assert {r["path"] for r in rows if r["policy"] == "basic"} == {"pe"}
+    # Warm start: from the first replayed turn on, every turn reads stored KV.
+    assert all(int(r["hit_tokens"]) > 0 for r in rows)
     assert (out / "summary.md").read_text().startswith(f"# {scenario.name}")
