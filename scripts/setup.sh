@@ -56,7 +56,7 @@ if [ ! -f "$stamp" ]; then
   say "creating the virtualenv in $VENV"
   /usr/bin/python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e '.[test]'
+  "$VENV/bin/pip" install -q -e '.[test,report]'
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   mnpkg=$(/usr/bin/python3 -c 'import mininet, os; print(os.path.dirname(os.path.dirname(mininet.__file__)))')
   mkdir -p "$VENV/debian-mininet"

@@ -26,6 +26,7 @@ from testbed.agentset import AgentSet
 from testbed.cpuwatch import CpuWatch
 from testbed.fabric import Fabric
 from testbed.plan import ClusterPlan, build_plan
+from testbed.plots import write_plots
 from testbed.profile import ModelProfile, load_profile
 from testbed.report import table
 from testbed.errors import TestbedError
@@ -36,7 +37,8 @@ from testbed.topology import load_topology
 from testbed.workload import Turn, generate_trajectories
 
 HBM_KV_BYTES = 40e9      # estimate: an 80 GB GPU less weights and activations, for decode KV
-PROGRESS_SECONDS = 2.0
+SAMPLE_SECONDS = 1.0     # SNIC utilization samples
+PROGRESS_SECONDS = 5.0   # progress lines
 
 
 @dataclass
@@ -97,8 +99,8 @@ def warm_start(plan: ClusterPlan, profile: ModelProfile, replays: list[tuple[str
     return agents
 
 
-async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
-                       replays: list[tuple[str, tuple]]) -> dict:
+async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenario,
+                       policy: str, replays: list[tuple[str, tuple]]) -> dict:
     scheduler = plan.host("sched").address("mgmt")
     profile = load_profile(scenario.model)
     turns = [t for _, ts in replays for t in ts]
@@ -111,16 +113,30 @@ async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
     started = time.time()
     tasks = [asyncio.create_task(run_agent(a, scheduler, scenario.model, records, started))
              for a in agents]
+    snic_rate = {n.name: n.interface("snic").rate for n in plan.of_kind("node")}
+    timeline: dict[str, list[tuple[float, float]]] = {node: [] for node in snic_rate}
+    last = (time.time(), await asyncio.to_thread(counters.nic_bytes, record, "snic", "rx"))
+    printed = time.time()
     while not all(t.done() for t in tasks):
-        await asyncio.wait(tasks, timeout=PROGRESS_SECONDS)
-        done = sum(a.finished is not None for a in agents)
-        tokens = sum(r["hit_tokens"] + r["miss_tokens"] + r["generated"] for r in records)
-        elapsed = time.time() - started
-        print(f"  {policy}: {elapsed:6.1f} s, agents {done}/{len(agents)} done, "
-              f"{len(records)} turns, {tokens / elapsed / 1e3:.1f} K tokens/s", flush=True)
+        await asyncio.wait(tasks, timeout=SAMPLE_SECONDS)
+        now = (time.time(), await asyncio.to_thread(counters.nic_bytes, record, "snic", "rx"))
+        for node, rate in snic_rate.items():
+            moved = now[1].get(node, 0) - last[1].get(node, 0)
+            timeline[node].append((now[0] - started, 8 * moved / (now[0] - last[0]) / rate))
+        last = now
+        if now[0] - printed >= PROGRESS_SECONDS or all(t.done() for t in tasks):
+            printed = now[0]
+            done = sum(a.finished is not None for a in agents)
+            tokens = sum(r["hit_tokens"] + r["miss_tokens"] + r["generated"] for r in records)
+            elapsed = now[0] - started
+            snic = max((series[-1][1] for series in timeline.values() if series), default=0)
+            print(f"  {policy}: {elapsed:6.1f} s, agents {done}/{len(agents)} done, "
+                  f"{len(records)} turns, {tokens / elapsed / 1e3:.1f} K tokens/s, "
+                  f"busiest SNIC {snic:.0%}", flush=True)
     for task in tasks:
         task.result()          # a failed turn fails the run, with its reason
-    return {"policy": policy, "jct": max(a.finished for a in agents), "records": records}
+    return {"policy": policy, "jct": max(a.finished for a in agents), "records": records,
+            "snic_timeline": timeline}
 
 
 def run_policy(scenario: Scenario, policy: str, replays: list[tuple[str, tuple]]) -> dict:
@@ -133,7 +149,7 @@ def run_policy(scenario: Scenario, policy: str, replays: list[tuple[str, tuple]]
         record = FabricRecord.read()
         before = counters.snapshot(record)
         with CpuWatch() as cpu:
-            result = asyncio.run(run_workload(fabric.plan, scenario, policy, replays))
+            result = asyncio.run(run_workload(fabric.plan, record, scenario, policy, replays))
         moved = counters.delta(before, counters.snapshot(record))
     finally:
         agents.stop()
@@ -189,9 +205,11 @@ def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> P
                    f"{s['snic_max_over_avg']:.2f}", f"{s['verified_bytes']} B",
                    str(s["corrupt_bytes"]), f"{s['host_cpu']:.0%}"] for s in summaries])
     warnings = [f"{r['policy']}: {r['cpu_warning']}" for r in results if r["cpu_warning"]]
+    figures = write_plots(out, results)
     (out / "summary.md").write_text(
         f"# {scenario.name}\n\n{scenario.description}\n\n```\n{text}\n```\n"
-        + "".join(f"\n{w}\n" for w in warnings))
+        + "".join(f"\n{w}\n" for w in warnings)
+        + "".join(f"\n![{f.stem}]({f.name})\n" for f in figures))
     print("\n" + text)
     for warning in warnings:
         print(warning)

@@ -30,3 +30,9 @@ def test_smoke_scenario_runs_every_policy_and_writes_its_report(tmp_path):
     # Warm start: from the first replayed turn on, every turn reads stored KV.
     assert all(int(r["hit_tokens"]) > 0 for r in rows)
     assert (out / "summary.md").read_text().startswith(f"# {scenario.name}")
+    for figure in ("jct.png", "snic.png", "ttft_cdf.png"):
+        data = (out / figure).read_bytes()
+        assert data.startswith(b"\x89PNG") and len(data) > 5_000, figure
+    # The SNIC timeline saw reads: some sample of the prefill node is above zero.
+    basic = next(r for r in results["results"] if r["policy"] == "basic")
+    assert max(u for _, u in basic["snic_timeline"]["n0"]) > 0
