@@ -8,6 +8,7 @@ logs to LOG_DIR/<host>.log, and is ready once it answers `ping` on the managemen
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
@@ -17,6 +18,8 @@ from pathlib import Path
 from agents.control import call
 from testbed.errors import TestbedError
 from testbed.fabric import Fabric
+from testbed.plan import build_plan
+from testbed.topology import Topology
 from testbed.state import STATE_DIR
 
 LOG_DIR = STATE_DIR / "logs"
@@ -24,6 +27,7 @@ REPO = Path(__file__).resolve().parent.parent
 PROGRAMS = {"storage": "agents.storage", "node": "agents.node", "gpu": "agents.engine",
             "scheduler": "agents.scheduler"}
 READY_SECONDS = 60
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 class AgentSet:
@@ -70,6 +74,17 @@ class AgentSet:
             raise TestbedError(f"agents not ready after {READY_SECONDS} s: "
                                f"{', '.join(sorted(waiting))}; see {LOG_DIR}")
 
+    def cpu_seconds(self) -> float:
+        """CPU time (user + system) the agents have used so far."""
+        ticks = 0
+        for proc in self.processes.values():
+            try:
+                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            ticks += int(fields[11]) + int(fields[12])   # utime + stime
+        return ticks / CLK_TCK
+
     @staticmethod
     def log_tail(host: str) -> str:
         try:
@@ -90,3 +105,27 @@ class AgentSet:
                 proc.kill()
                 proc.wait()
         self.processes.clear()
+
+
+class RunningCluster:
+    """A fabric and (unless told otherwise) its agents, up for a `with` block and torn down
+    however the block ends."""
+
+    def __init__(self, topology: Topology, agents: bool = True, topology_path: str = ""):
+        self.fabric = Fabric(build_plan(topology), topology_path)
+        self.agents = AgentSet(self.fabric) if agents else None
+
+    def __enter__(self) -> Fabric:
+        self.fabric.up()
+        try:
+            if self.agents:
+                self.agents.start()
+        except BaseException:
+            self.fabric.down()
+            raise
+        return self.fabric
+
+    def __exit__(self, *exc) -> None:
+        if self.agents:
+            self.agents.stop()
+        self.fabric.down()

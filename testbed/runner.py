@@ -22,10 +22,9 @@ from agents.control import acall
 from agents.kv import Block, Geometry
 from agents.scheduling import alpha_tokens, beta_tokens
 from testbed import counters
-from testbed.agentset import AgentSet
+from testbed.agentset import RunningCluster
 from testbed.cpuwatch import CpuWatch
-from testbed.fabric import Fabric
-from testbed.plan import ClusterPlan, build_plan
+from testbed.plan import ClusterPlan
 from testbed.plots import write_plots
 from testbed.profile import ModelProfile, load_profile
 from testbed.report import table
@@ -141,19 +140,12 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
 
 def run_policy(scenario: Scenario, policy: str, replays: list[tuple[str, tuple]]) -> dict:
     topology = load_topology(REPO / scenario.topology)
-    fabric = Fabric(build_plan(topology), str(REPO / scenario.topology))
-    agents = AgentSet(fabric)
-    fabric.up()
-    try:
-        agents.start()
+    with RunningCluster(topology, topology_path=str(REPO / scenario.topology)) as fabric:
         record = FabricRecord.read()
         before = counters.snapshot(record)
         with CpuWatch() as cpu:
             result = asyncio.run(run_workload(fabric.plan, record, scenario, policy, replays))
         moved = counters.delta(before, counters.snapshot(record))
-    finally:
-        agents.stop()
-        fabric.down()
     snic = {n.name: moved.get((n.name, "snic", "rx"), 0) * topology.scale
             for n in fabric.plan.of_kind("node")}
     result.update(snic_read_bytes=snic, host_cpu=cpu.mean, cpu_warning=cpu.warning())

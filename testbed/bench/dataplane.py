@@ -22,11 +22,9 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from testbed import counters
-from testbed.agentset import AgentSet
+from testbed.agentset import RunningCluster
 from testbed.cpuwatch import CpuWatch
-from testbed.fabric import Fabric
 from testbed.iperf import measure
-from testbed.plan import build_plan
 from testbed.report import table
 from testbed.request import RequestSpec, decode, prefill, prepare, seed
 from testbed.state import FabricRecord
@@ -35,38 +33,6 @@ from testbed.topology import load_topology, probe_topology
 REPO = Path(__file__).resolve().parents[2]
 LINK_RATE = 1_000_000_000
 SCALES = [4000, 2000, 1000, 500, 250]
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-class Cluster:
-    """A fabric with its agents, for one measurement."""
-
-    def __init__(self, topology):
-        self.fabric = Fabric(build_plan(topology))
-        self.agents = AgentSet(self.fabric)
-
-    def __enter__(self):
-        self.fabric.up()
-        try:
-            self.agents.start()
-        except BaseException:
-            self.fabric.down()
-            raise
-        return self
-
-    def __exit__(self, *exc):
-        self.agents.stop()
-        self.fabric.down()
-
-    def cpu_seconds(self) -> float:
-        total = 0
-        for proc in self.agents.processes.values():
-            try:
-                fields = Path(f"/proc/{proc.pid}/stat").read_text().rsplit(")", 1)[1].split()
-            except OSError:
-                continue
-            total += int(fields[11]) + int(fields[12])   # utime + stime, in ticks
-        return total / CLK_TCK
 
 
 def run_together(plan, specs: list[RequestSpec]) -> list[tuple[dict, dict]]:
@@ -88,13 +54,14 @@ def span(windows: list[list[float]]) -> float:
 def bench_agent_vs_iperf3() -> dict:
     # A context of 1M tokens of DS 660B (40 KB per token) is 40 MB here: 0.3 s at 1 Gbit/s.
     topo = probe_topology(LINK_RATE, pcie=4 * LINK_RATE, storage=4 * LINK_RATE)
-    with Cluster(topo) as cluster:
-        fabric, plan = cluster.fabric, cluster.fabric.plan
+    cluster = RunningCluster(topo)
+    with cluster as fabric:
+        plan = fabric.plan
         node = fabric.node
         snic_iperf = measure(node("st0"), node("n0"), plan.host("n0").address("snic"), seconds=4)
         cnic_iperf = measure(node("n1"), node("n1g0"), plan.host("n1g0").address("cnic"),
                              seconds=4)
-        cpu_before = cluster.cpu_seconds()
+        cpu_before = cluster.agents.cpu_seconds()
         loaded = load_seconds = fetched = h2d_seconds = moved = 0.0
         for _ in range(4):
             spec = RequestSpec("ds-660b", 1_000_000, 1024, 0, "pe", "n0g0", "n1g0")
@@ -104,7 +71,7 @@ def bench_agent_vs_iperf3() -> dict:
             fetched += d["prompt_bytes"]
             h2d_seconds += d["h2d_seconds"]
             moved += 2 * p["layer_bytes"] + p["pushed_bytes"] + d["prompt_bytes"]
-        cpu = cluster.cpu_seconds() - cpu_before
+        cpu = cluster.agents.cpu_seconds() - cpu_before
     snic_agent, cnic_agent = 8 * loaded / load_seconds, 8 * fetched / h2d_seconds
     real_gb = moved * topo.scale / 1e9
     return dict(link_rate=LINK_RATE, snic_iperf3=snic_iperf, snic_agent=snic_agent,
@@ -118,8 +85,8 @@ def bench_cpu_limit() -> list[dict]:
     rows = []
     for scale in SCALES:
         topo = load_topology(REPO / "topologies/1p1d.yaml", backend="netns", scale=scale)
-        with Cluster(topo) as cluster:
-            plan = cluster.fabric.plan
+        with RunningCluster(topo) as fabric:
+            plan = fabric.plan
             # 4 x 128K tokens of DS 660B: 21 GB per node, long enough that the links'
             # burst allowance does not show.
             specs = [RequestSpec("ds-660b", 131072, 429, 0, "pe", f"n0g{i}", f"n1g{i}")

@@ -16,6 +16,7 @@ import platform
 import time
 from pathlib import Path
 
+from testbed.agentset import RunningCluster
 from testbed.fabric import Fabric
 from testbed.iperf import measure
 from testbed.isolation import measure_isolation
@@ -33,9 +34,7 @@ SECONDS = 5
 def _measure_link(nic: str, rate: int) -> float:
     # Everything but the link under test runs 4x faster; the storage link is the SNIC's peer.
     faster = {other: 4 * rate for other in ("cnic", "snic", "pcie", "storage") if other != nic}
-    fabric = Fabric(build_plan(probe_topology(rate, **faster)))
-    fabric.up()
-    try:
+    with RunningCluster(probe_topology(rate, **faster), agents=False) as fabric:
         plan, node = fabric.plan, fabric.node
         if nic == "cnic":     # GPU sends through its CNIC to the node's faster pcie
             return measure(node("n0g0"), node("n0"), plan.host("n0").address("pcie"),
@@ -45,8 +44,6 @@ def _measure_link(nic: str, rate: int) -> float:
                            seconds=SECONDS)
         return measure(node("n0"), node("st0"), plan.host("st0").address("stor"),
                        seconds=SECONDS)
-    finally:
-        fabric.down()
 
 
 def bench_links() -> list[dict]:
@@ -61,12 +58,9 @@ def bench_links() -> list[dict]:
 
 
 def bench_isolation() -> list[dict]:
-    fabric = Fabric(build_plan(load_topology(REPO / "topologies/1p1d.yaml", backend="docker")))
-    fabric.up()
-    try:
+    topology = load_topology(REPO / "topologies/1p1d.yaml", backend="docker")
+    with RunningCluster(topology, agents=False) as fabric:
         return [measure_isolation(fabric, d).as_dict() for d in ("tx", "rx")]
-    finally:
-        fabric.down()
 
 
 def bench_lifecycle() -> list[dict]:

@@ -7,9 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from testbed.agentset import AgentSet
-from testbed.fabric import Fabric
-from testbed.plan import build_plan
+from testbed.agentset import RunningCluster
 from testbed.topology import Topology, load_topology
 from tests.integration.leftovers import find_leftovers
 
@@ -26,29 +24,6 @@ def topology(name: str, **overrides) -> Topology:
     return load_topology(TOPOLOGIES / f"{name}.yaml", **overrides)
 
 
-class RunningFabric:
-    """A fabric (and, if asked, its agents) for one test module, torn down whatever happens."""
-
-    def __init__(self, topo: Topology, agents: bool = False):
-        self.fabric = Fabric(build_plan(topo))
-        self.agents = AgentSet(self.fabric) if agents else None
-
-    def __enter__(self) -> Fabric:
-        self.fabric.up()
-        try:
-            if self.agents:
-                self.agents.start()
-        except BaseException:
-            self.fabric.down()
-            raise
-        return self.fabric
-
-    def __exit__(self, *exc) -> None:
-        if self.agents:
-            self.agents.stop()
-        self.fabric.down()
-
-
 @pytest.fixture(scope="session", autouse=True)
 def nothing_left_behind():
     """After the whole session: no namespace, link, bridge, container or process of ours."""
@@ -58,5 +33,5 @@ def nothing_left_behind():
 
 @pytest.fixture(scope="module")
 def docker_1p1d():
-    with RunningFabric(topology("1p1d", backend="docker")) as fabric:
+    with RunningCluster(topology("1p1d", backend="docker"), agents=False) as fabric:
         yield fabric

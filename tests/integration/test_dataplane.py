@@ -8,7 +8,8 @@ import pytest
 from agents.storage import DATA_ROOT
 from testbed.request import RequestSpec, execute, prepare, run_request, seed, storage_hosts
 from testbed.state import FabricRecord
-from tests.integration.conftest import RunningFabric, topology
+from testbed.agentset import RunningCluster
+from tests.integration.conftest import topology
 
 HEADERS = 0.10   # protocol frames, TCP/IP headers and acknowledgements
 
@@ -18,7 +19,7 @@ def cluster():
     """1P1D on the docker backend, every block stored twice (on st0 and st1)."""
     topo = topology("1p1d", backend="docker")
     topo = topo.model_copy(update={"storage": topo.storage.model_copy(update={"replicas": 2})})
-    with RunningFabric(topo, agents=True) as fabric:
+    with RunningCluster(topo) as fabric:
         yield fabric
 
 

@@ -15,7 +15,8 @@ from agents.protocol import DSCP_CS1
 from testbed.iperf import Flow
 from testbed.request import RequestSpec, run_request
 from testbed.state import FabricRecord
-from tests.integration.conftest import RunningFabric, topology
+from testbed.agentset import RunningCluster
+from tests.integration.conftest import topology
 
 SPEC = RequestSpec("ds-27b", 2048, 64, 120, "pe", "n0g0", "n1g0")
 
@@ -41,7 +42,7 @@ def tpot_alone_and_flooded(fabric) -> tuple[float, float]:
 def test_decode_tpot_under_kv_flood(classes, record_property):
     topo = topology("1p1d", backend="netns")
     topo = topo.model_copy(update={"qos": topo.qos.model_copy(update={"priority_classes": classes})})
-    with RunningFabric(topo, agents=True) as fabric:
+    with RunningCluster(topo) as fabric:
         alone, flooded = tpot_alone_and_flooded(fabric)
     inflation = flooded / alone
     record_property("tpot_alone_ms", round(alone * 1e3, 2))

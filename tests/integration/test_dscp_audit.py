@@ -19,14 +19,15 @@ from agents.protocol import DSCP_CS1, DSCP_EF
 from agents.storage import STORAGE_PORT
 from testbed.request import RequestSpec, run_request
 from testbed.state import FabricRecord
-from tests.integration.conftest import RunningFabric, topology
+from testbed.agentset import RunningCluster
+from tests.integration.conftest import topology
 
 KV_PORTS = {STORAGE_PORT, NODE_PORT}
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with RunningFabric(topology("1p1d", backend="netns"), agents=True) as fabric:
+    with RunningCluster(topology("1p1d", backend="netns")) as fabric:
         yield fabric
 
 

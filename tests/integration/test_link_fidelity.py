@@ -11,7 +11,7 @@ import pytest
 from testbed.iperf import measure
 from testbed.qos import DSCP_CS1
 from testbed.topology import probe_topology
-from tests.integration.conftest import RunningFabric
+from testbed.agentset import RunningCluster
 
 RATES = {"100Mbit": 100_000_000, "1Gbit": 1_000_000_000}
 LOW, HIGH = 0.90, 1.05
@@ -27,7 +27,7 @@ def check(rate: int, measured: float, what: str) -> None:
 def test_cnic_and_snic_in_both_directions(rate_name):
     rate = RATES[rate_name]
     topo = probe_topology(rate, pcie=4 * rate, storage=4 * rate)
-    with RunningFabric(topo) as fabric:
+    with RunningCluster(topo, agents=False) as fabric:
         gpu, node, storage = fabric.node("n0g0"), fabric.node("n0"), fabric.node("st0")
         plan = fabric.plan
         cnic, pcie = plan.host("n0g0").address("cnic"), plan.host("n0").address("pcie")
@@ -42,7 +42,7 @@ def test_cnic_and_snic_in_both_directions(rate_name):
 def test_pcie_in_both_directions(rate_name):
     rate = RATES[rate_name]
     topo = probe_topology(rate, cnic=4 * rate, snic=4 * rate, storage=4 * rate)
-    with RunningFabric(topo) as fabric:
+    with RunningCluster(topo, agents=False) as fabric:
         gpu, node = fabric.node("n0g0"), fabric.node("n0")
         cnic, pcie = fabric.plan.host("n0g0").address("cnic"), fabric.plan.host("n0").address("pcie")
         check(rate, measure(node, gpu, cnic), f"pcie tx at {rate_name}")

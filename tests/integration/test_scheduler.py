@@ -9,12 +9,13 @@ import pytest
 
 from agents.control import call
 from testbed.request import RequestSpec, prepare, seed, submit
-from tests.integration.conftest import RunningFabric, topology
+from testbed.agentset import RunningCluster
+from tests.integration.conftest import topology
 
 
 @pytest.fixture(scope="module")
 def cluster():
-    with RunningFabric(topology("1p1d", backend="netns"), agents=True) as fabric:
+    with RunningCluster(topology("1p1d", backend="netns")) as fabric:
         yield fabric
 
 
