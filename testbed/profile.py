@@ -22,12 +22,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Annotated, Any, Generic, TypeVar
 
-import yaml
 from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from testbed.errors import TestbedError
-from testbed.topology import (Spec, _describe_yaml_error, _show,
-                              _UniqueKeyLoader, validation_message)
+from testbed.topology import Spec, read_yaml, require_mapping, validation_message
 
 MODELS_DIR = Path(__file__).parents[1] / "models"
 
@@ -202,21 +200,8 @@ def _resolve(name_or_path: str | Path) -> Path:
 def load_profile(name_or_path: str | Path) -> ModelProfile:
     """Read and validate a model profile: a name from models/ ("ds-27b") or a file path."""
     path = _resolve(name_or_path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise TestbedError(f"{path}: cannot read ({exc.strerror or exc}), expected a readable "
-                           "model profile file") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as exc:
-        raise TestbedError(_describe_yaml_error(path, text, exc)) from None
-    if data is None:
-        raise TestbedError(f"{path}: (top level): got an empty file, expected a mapping of "
-                           "profile fields (layers, kv_bytes_per_token_layer, ...)")
-    if not isinstance(data, dict):
-        raise TestbedError(f"{path}: (top level): got {type(data).__name__} {_show(data)}, "
-                           "expected a mapping of profile fields")
+    data = require_mapping(path, read_yaml(path, "model profile"), "profile",
+                           "layers, kv_bytes_per_token_layer")
     named_by_file = "name" not in data
     data.setdefault("name", path.stem)
     try:

@@ -15,11 +15,10 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from testbed.errors import TestbedError
-from testbed.topology import Spec, validation_message
+from testbed.topology import Spec, read_yaml, require_mapping, validation_message
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = REPO / "scenarios"
@@ -59,16 +58,11 @@ def load_scenario(name_or_path: str) -> Scenario:
     path = Path(name_or_path)
     if not path.suffix:
         path = SCENARIOS / f"{name_or_path}.yaml"
-    try:
-        data = yaml.safe_load(path.read_text())
-    except OSError as exc:
+    if not path.is_file():
         known = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.yaml")))
-        raise TestbedError(f"{path}: cannot read ({exc.strerror}); scenarios: {known}") from None
-    except yaml.YAMLError as exc:
-        raise TestbedError(f"{path}: invalid YAML: {str(exc).splitlines()[0]}") from None
-    if not isinstance(data, dict):
-        raise TestbedError(f"{path}: (top level): got {type(data).__name__}, expected a "
-                           "mapping of scenario fields")
+        raise TestbedError(f"{path}: no such scenario file; scenarios: {known}")
+    data = require_mapping(path, read_yaml(path, "scenario"), "scenario",
+                           "topology, model, workload, policies")
     data.setdefault("name", path.stem)
     try:
         return Scenario.model_validate(data)

@@ -208,24 +208,35 @@ def validation_message(exc: ValidationError, root: type[BaseModel], describe=Non
     return message + (f" (and {len(errors) - 1} more)" if len(errors) > 1 else "")
 
 
-def load_topology(path: str | Path, **overrides: Any) -> Topology:
-    """Read and validate a topology file. `overrides` replace top-level fields (tests, CLI)."""
-    path = Path(path)
+def read_yaml(path: Path, what: str) -> Any:
+    """The parsed content of a YAML spec file (`what`: "topology", "model profile", ...),
+    or a one-line error naming the file and what is wrong with it."""
     try:
         text = path.read_text()
     except OSError as exc:
         raise TestbedError(f"{path}: cannot read ({exc.strerror or exc}), expected a readable "
-                           "topology file") from None
+                           f"{what} file") from None
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except yaml.YAMLError as exc:
         raise TestbedError(_describe_yaml_error(path, text, exc)) from None
+
+
+def require_mapping(path: Path, data: Any, what: str, examples: str) -> dict:
     if data is None:
         raise TestbedError(f"{path}: (top level): got an empty file, expected a mapping of "
-                           "topology fields (prefill_nodes, decode_nodes, ...)")
+                           f"{what} fields ({examples}, ...)")
     if not isinstance(data, dict):
         raise TestbedError(f"{path}: (top level): got {type(data).__name__} {_show(data)}, "
-                           "expected a mapping of topology fields")
+                           f"expected a mapping of {what} fields")
+    return data
+
+
+def load_topology(path: str | Path, **overrides: Any) -> Topology:
+    """Read and validate a topology file. `overrides` replace top-level fields (tests, CLI)."""
+    path = Path(path)
+    data = require_mapping(path, read_yaml(path, "topology"), "topology",
+                           "prefill_nodes, decode_nodes")
     named_by_file = "name" not in data and "name" not in overrides
     data.setdefault("name", path.stem)
     data.update(overrides)

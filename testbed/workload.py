@@ -25,13 +25,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Iterable
 
-import yaml
 from pydantic import Field, StringConstraints, ValidationError, model_validator
 
 from testbed.errors import TestbedError
 from testbed.profile import PositiveCount, PositiveNumber, Sourced
-from testbed.topology import (Spec, _describe_error, _describe_yaml_error, _show,
-                              _UniqueKeyLoader, validation_message)
+from testbed.topology import Spec, _describe_error, _show, read_yaml, validation_message
 
 WORKLOADS_DIR = Path(__file__).parents[1] / "workloads"
 DATASETS_FILE = WORKLOADS_DIR / "datasets.yaml"
@@ -240,15 +238,7 @@ def _describe_dataset_error(error: dict[str, Any]) -> str:
 def load_datasets(path: str | Path = DATASETS_FILE) -> dict[str, DatasetProfile]:
     """Read and validate a datasets file (workloads/datasets.yaml unless told)."""
     path = Path(path)
-    try:
-        text = path.read_text()
-    except OSError as exc:
-        raise TestbedError(f"{path}: cannot read ({exc.strerror or exc}), expected a readable "
-                           "datasets file") from None
-    try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
-    except yaml.YAMLError as exc:
-        raise TestbedError(_describe_yaml_error(path, text, exc)) from None
+    data = read_yaml(path, "datasets")
     if not isinstance(data, dict):
         raise TestbedError(f"{path}: (top level): got {_show(data)}, expected a mapping with "
                            "datasets: {name: {max_len: ..., turns: ..., ...}}")
