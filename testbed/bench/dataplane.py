@@ -14,15 +14,12 @@ Prints tables and writes results/bench-dataplane/<timestamp>.json.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from testbed import counters
 from testbed.agentset import RunningCluster
+from testbed.bench import REPO, save
 from testbed.cpuwatch import CpuWatch
 from testbed.iperf import measure
 from testbed.report import table
@@ -30,7 +27,6 @@ from testbed.request import RequestSpec, decode, prefill, prepare, seed
 from testbed.state import FabricRecord
 from testbed.topology import load_topology, probe_topology
 
-REPO = Path(__file__).resolve().parents[2]
 LINK_RATE = 1_000_000_000
 SCALES = [4000, 2000, 1000, 500, 250]
 
@@ -138,13 +134,8 @@ def main() -> None:
         for r in sweep]))
     print(f"\nsmallest scale with both >= 95%: {min(faithful) if faithful else 'none'}")
 
-    out = REPO / "results" / "bench-dataplane" / f"{started}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(
-        machine=dict(node=platform.node(), kernel=platform.release(), cpus=os.cpu_count()),
-        link=link, cpu_limit=sweep,
-        smallest_faithful_scale=min(faithful) if faithful else None), indent=1))
-    print(f"written {out.relative_to(REPO)}")
+    save("dataplane", started, dict(link=link, cpu_limit=sweep,
+                                    smallest_faithful_scale=min(faithful) if faithful else None))
 
 
 if __name__ == "__main__":

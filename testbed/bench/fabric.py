@@ -10,13 +10,10 @@ Prints tables and writes results/bench-fabric/<timestamp>.json.
 
 from __future__ import annotations
 
-import json
-import os
-import platform
 import time
-from pathlib import Path
 
 from testbed.agentset import RunningCluster
+from testbed.bench import REPO, save
 from testbed.fabric import Fabric
 from testbed.iperf import measure
 from testbed.isolation import measure_isolation
@@ -26,7 +23,6 @@ from testbed.rates import format_rate
 from testbed.report import table
 from testbed.topology import load_topology, probe_topology
 
-REPO = Path(__file__).resolve().parents[2]
 RATES = [100_000_000, 1_000_000_000, 2_000_000_000]
 SECONDS = 5
 
@@ -104,13 +100,7 @@ def main() -> None:
                 [[r["topology"], r["backend"], str(r["hosts"]), f"{r['up_seconds']:.1f} s",
                   f"{r['down_seconds']:.1f} s"] for r in lifecycle]))
 
-    out = REPO / "results" / "bench-fabric" / f"{started}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(dict(
-        machine=dict(node=platform.node(), kernel=platform.release(),
-                     cpus=os.cpu_count()),
-        links=links, isolation=isolation, lifecycle=lifecycle), indent=1))
-    print(f"\nwritten {out.relative_to(REPO)}")
+    save("fabric", started, dict(links=links, isolation=isolation, lifecycle=lifecycle))
 
 
 if __name__ == "__main__":
