@@ -18,7 +18,7 @@ from agents.kv import Block, Geometry, placement
 from testbed import counters
 from testbed.errors import TestbedError
 from testbed.plan import ClusterPlan
-from testbed.profile import ModelProfile, load_profile
+from testbed.profile import load_profile
 from testbed.state import FabricRecord
 
 PROMPT_BLOCK_TOKENS = 512     # one Full Block of prompt KV (Mooncake's block size)
@@ -70,7 +70,6 @@ class PreparedRequest:
     """A request's identity and blocks, before anything moved."""
     spec: RequestSpec
     request: int
-    profile: ModelProfile
     geometry: Geometry
     hit: list[Block]
     miss: list[Block]
@@ -84,11 +83,10 @@ class PreparedRequest:
 
 def prepare(plan: ClusterPlan, spec: RequestSpec) -> PreparedRequest:
     check_spec(spec, plan)
-    profile = load_profile(spec.model)
-    geometry = Geometry.of(profile, plan.topology.scale)
+    geometry = Geometry.of(load_profile(spec.model), plan.topology.scale)
     request = random.randrange(1, 1 << 46)   # block ids are request << 16 + index (u64)
     base = request << 16
-    return PreparedRequest(spec, request, profile, geometry,
+    return PreparedRequest(spec, request, geometry,
                            split(spec.context, base + HIT_BLOCKS),
                            split(spec.append, base + MISS_BLOCKS),
                            plan.host(spec.prefill_gpu).node, plan.host(spec.decode_gpu).node)
