@@ -32,6 +32,9 @@ ALL_TO_ALL_PORT = 7004
 FETCH_SECONDS = 0.02          # how often a group leader pulls work while a scheduler runs
 IDLE_FETCH_SECONDS = 1.0
 PREFILL_QUOTA_SECONDS = 0.3  # attention time of one forward batch (paper §5.5)
+# Queued requests whose hit KV loads into DRAM ahead of their batch: the next two batches'
+# worth, so the SNIC reads while the GPU computes, without filling DRAM with the whole queue.
+PREFETCH_SECONDS = 2 * PREFILL_QUOTA_SECONDS
 PERSIST_TOKENS = 64          # decode persists a block every 64 generated tokens (paper §3.3)
 
 
@@ -73,7 +76,7 @@ class EngineAgent(Agent):
         self.counters = {"layer_bytes_received": 0, "kv_bytes_pushed": 0,
                          "prompt_bytes_fetched": 0, "persisted_bytes": 0,
                          "all_to_all_bytes_sent": 0, "all_to_all_bytes_received": 0,
-                         "prefill_batches": 0, "prefill_requests": 0}
+                         "prefill_batches": 0, "prefill_requests": 0, "compute_seconds": 0.0}
         await protocol.serve(self.on_all_to_all, self.host.address("cnic"), ALL_TO_ALL_PORT,
                              protocol.DSCP_EF)
         group = [h for h in self.plan.of_kind("gpu") if h.node == self.host.node]
@@ -178,6 +181,7 @@ class EngineAgent(Agent):
         """Queue a request for prefill; answers when its KV has left for the decode node."""
         queued = PrefillRun(self, m)
         self.prefill_queue.append(queued)
+        self.prefetch()
         if self.prefilling is None or self.prefilling.done():
             self.prefilling = asyncio.create_task(self.prefill_loop())
         return await queued.done
@@ -195,12 +199,22 @@ class EngineAgent(Agent):
                     break
                 budget -= head.attention_seconds
                 batch.append(self.prefill_queue.popleft())
+            self.prefetch()
             try:
                 await PrefillBatch(self, batch).run()
             except Exception as exc:   # a bug, not a request's failure: fail the batch loudly
                 self.log.exception("prefill batch failed")
                 for member in batch:
                     await member.fail(exc)
+
+    def prefetch(self) -> None:
+        """Start the loads of the queue's head, up to PREFETCH_SECONDS of attention time."""
+        ahead = 0.0
+        for queued in self.prefill_queue:
+            ahead += queued.attention_seconds
+            if ahead > PREFETCH_SECONDS:
+                break
+            queued.start_loading()
 
     async def drop(self, node: str, request: int) -> None:
         conn = Connection(self.address(node, "pcie"), NODE_PORT, protocol.DSCP_CS1)
@@ -354,6 +368,7 @@ class PrefillRun:
         self.timings = dict.fromkeys(("load", "layer_wait", "compute", "all_to_all", "push"), 0.0)
         self.moved = {"layer_bytes": 0, "pushed_bytes": 0, "load_window": None}
         self.started = time.monotonic()
+        self.loading: asyncio.Task | None = None
         self.done = asyncio.get_running_loop().create_future()
         engine.unfinished[self.request] = context + append
 
@@ -373,8 +388,19 @@ class PrefillRun:
 
     def _close(self) -> None:
         self.engine.unfinished.pop(self.request, None)
+        if self.loading is not None and not self.loading.done():
+            self.loading.cancel()
         self.load_conn.reset()
         self.push_conn.reset()
+
+    def start_loading(self) -> None:
+        if self.loading is None:
+            self.loading = asyncio.create_task(self.load())
+
+    async def loaded(self) -> None:
+        """Waits for the load, started now if the queue had not reached it yet."""
+        self.start_loading()
+        await self.loading
 
     async def load(self) -> None:
         """The hit KV's Full Blocks, from storage into the read node's DRAM."""
@@ -432,7 +458,7 @@ class PrefillBatch:
     async def run(self) -> None:
         self.engine.counters["prefill_batches"] += 1
         self.engine.counters["prefill_requests"] += len(self.runs)
-        await self.each(PrefillRun.load)
+        await self.each(PrefillRun.loaded)
         if self.runs and self.runs[0].layerwise:
             await self.layerwise()
         elif self.runs:
@@ -454,7 +480,7 @@ class PrefillBatch:
         """Layer L+1's KV loads while layer L computes; layer L's KV leaves while layer L+1
         computes."""
         loading = asyncio.create_task(self.each(PrefillRun.load_layer, 0))
-        pushing = None
+        exchanging = pushing = None
         try:
             for layer in range(self.layers):
                 t = time.monotonic()
@@ -463,12 +489,16 @@ class PrefillBatch:
                 if layer + 1 < self.layers:
                     loading = asyncio.create_task(self.each(PrefillRun.load_layer, layer + 1))
                 await self.compute(layer)
+                if exchanging:
+                    await exchanging
+                exchanging = asyncio.create_task(self.exchange(layer))
                 if pushing:
                     await pushing
                 pushing = asyncio.create_task(self.each(PrefillRun.push_layer, layer))
+            await exchanging
             await pushing
         finally:
-            for task in (loading, pushing):
+            for task in (loading, exchanging, pushing):
                 if task is not None and not task.done():
                     task.cancel()
 
@@ -480,6 +510,7 @@ class PrefillBatch:
         self.charge("layer_wait", time.monotonic() - t)
         for layer in range(self.layers):
             await self.compute(layer)
+            await self.exchange(layer)
         for layer in range(self.layers):
             await self.each(PrefillRun.push_layer, layer)
 
@@ -488,8 +519,16 @@ class PrefillBatch:
             return
         t = time.monotonic()
         async with self.engine.gpu:
-            await asyncio.sleep(sum(member.layer_seconds for member in self.runs))
+            seconds = sum(member.layer_seconds for member in self.runs)
+            await asyncio.sleep(seconds)
+            self.engine.counters["compute_seconds"] += seconds
         self.charge("compute", time.monotonic() - t)
+
+    async def exchange(self, layer: int) -> None:
+        """The layer's expert-parallel all-to-all. Layerwise prefill overlaps it with the
+        next layer's compute, as two-micro-batch overlap does on real clusters."""
+        if not self.runs:
+            return
         lead = self.runs[0].request
         self.charge("all_to_all", await self.engine.all_to_all(
             lead, layer, sum(member.a2a_bytes for member in self.runs)))
@@ -519,12 +558,14 @@ class DecodeJob:
         self.steps.append(step_seconds)
         if self.first_token_wall is None:
             self.first_token_wall = time.time()
-        if not self.oracle and self.generated % PERSIST_TOKENS == 0:
+        if self.generated % PERSIST_TOKENS == 0:
             # Persisted as soon as the block is full, while decoding goes on (D2H, then
-            # the node writes it to storage).
+            # the node writes it to storage). Oracle moves no KV but still counts the
+            # block as stored, so its next turn hits it as the other policies' do.
             block = (self.block_base + len(self.persisted), PERSIST_TOKENS)
             self.persisted.append(block)
-            self.persisting.append(asyncio.create_task(engine.persist(self, block)))
+            if not self.oracle:
+                self.persisting.append(asyncio.create_task(engine.persist(self, block)))
         if self.generated >= self.generate:
             engine.batch.pop(self.request, None)
             self.done.set_result(None)
