@@ -30,7 +30,7 @@ from testbed.profile import ModelProfile, load_profile
 from testbed.report import table
 from testbed.errors import TestbedError
 from testbed.request import GENERATED_BLOCKS, MISS_BLOCKS, seed_blocks, split
-from testbed.scenario import REPO, Scenario
+from testbed.scenario import REPO, Scenario, topology_name
 from testbed.state import FabricRecord
 from testbed.topology import load_topology
 from testbed.workload import Turn, generate_trajectories
@@ -138,9 +138,11 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
             "snic_timeline": timeline}
 
 
-def run_policy(scenario: Scenario, policy: str, replays: list[tuple[str, tuple]]) -> dict:
-    topology = load_topology(REPO / scenario.topology)
-    with RunningCluster(topology, topology_path=str(REPO / scenario.topology)) as fabric:
+def run_policy(scenario: Scenario, topology_path: str, policy: str,
+               replays: list[tuple[str, tuple]]) -> dict:
+    topology = load_topology(REPO / topology_path)
+    print(f"{topology.name} / {policy}: bringing the cluster up", flush=True)
+    with RunningCluster(topology, topology_path=str(REPO / topology_path)) as fabric:
         record = FabricRecord.read()
         before = counters.snapshot(record)
         with CpuWatch() as cpu:
@@ -148,21 +150,97 @@ def run_policy(scenario: Scenario, policy: str, replays: list[tuple[str, tuple]]
         moved = counters.delta(before, counters.snapshot(record))
     snic = {n.name: moved.get((n.name, "snic", "rx"), 0) * topology.scale
             for n in fabric.plan.of_kind("node")}
-    result.update(snic_read_bytes=snic, host_cpu=cpu.mean, cpu_warning=cpu.warning())
+    result.update(topology=topology.name, prefill_nodes=topology.prefill_nodes,
+                  decode_nodes=topology.decode_nodes, snic_read_bytes=snic,
+                  host_cpu=cpu.mean, cpu_warning=cpu.warning())
     return result
+
+
+def snic_balance(timeline: dict[str, list[tuple[float, float]]], busy: float = 0.2) -> float:
+    """Max over mean SNIC read utilization across nodes, per sample, averaged over the
+    samples where the SNICs were busy (mean above `busy`): the paper's Figure 13 metric."""
+    samples = list(zip(*timeline.values()))
+    ratios = [max(u for _, u in s) / mean for s in samples
+              if (mean := sum(u for _, u in s) / len(s)) > busy]
+    return sum(ratios) / len(ratios) if ratios else 0.0
 
 
 def summarize(result: dict) -> dict:
     records = result["records"]
     snic = list(result["snic_read_bytes"].values())
     mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
-    return {"policy": result["policy"], "jct": result["jct"], "turns": len(records),
-            "ttft": mean("ttft"), "tpot": mean("tpot"),
+    return {"topology": result["topology"], "policy": result["policy"], "jct": result["jct"],
+            "turns": len(records), "ttft": mean("ttft"), "tpot": mean("tpot"),
             "de_reads": sum(r["path"] == "de" for r in records) / len(records),
             "snic_max_over_avg": max(snic) / (sum(snic) / len(snic)) if sum(snic) else 0.0,
+            "snic_balance": snic_balance(result["snic_timeline"]),
             "verified_bytes": sum(r["prompt_bytes_verified"] for r in records),
             "corrupt_bytes": sum(r["corrupt_bytes"] for r in records),
             "host_cpu": result["host_cpu"]}
+
+
+def comparisons(scenario: Scenario, summaries: list[dict], results: list[dict]) -> list[dict]:
+    """Per topology: DualPath's speedup over basic against what the configuration allows,
+    min((P + D) / P, JCT_basic / JCT_oracle), the SNIC and the compute bound, and the
+    paper's figure."""
+    paper = scenario.paper.speedup if scenario.paper else {}
+    rows = []
+    for topology in dict.fromkeys(s["topology"] for s in summaries):
+        jct = {s["policy"]: s["jct"] for s in summaries if s["topology"] == topology}
+        if "basic" not in jct or "dualpath" not in jct:
+            continue
+        shape = next(r for r in results if r["topology"] == topology)
+        p, d = shape["prefill_nodes"], shape["decode_nodes"]
+        row = {"topology": topology, "speedup": jct["basic"] / jct["dualpath"],
+               "snic_bound": (p + d) / p, "compute_bound": None, "limit": None,
+               "share_of_limit": None, "paper_speedup": paper.get(topology)}
+        if "oracle" in jct:
+            row["compute_bound"] = jct["basic"] / jct["oracle"]
+            row["limit"] = min(row["snic_bound"], row["compute_bound"])
+            row["share_of_limit"] = row["speedup"] / row["limit"]
+        rows.append(row)
+    return rows
+
+
+def reductions(scenario: Scenario, summaries: list[dict]) -> list[dict]:
+    """Per topology and policy, the JCT reduction against basic (the paper's ablation)."""
+    paper = scenario.paper.reduction if scenario.paper else {}
+    basic = {s["topology"]: s["jct"] for s in summaries if s["policy"] == "basic"}
+    return [{"topology": s["topology"], "policy": s["policy"],
+             "reduction": 1 - s["jct"] / basic[s["topology"]],
+             "paper_reduction": paper.get(s["policy"])}
+            for s in summaries if s["topology"] in basic and s["policy"] != "basic"]
+
+
+def _optional(value: float | None, fmt: str) -> str:
+    return "-" if value is None else format(value, fmt)
+
+
+def report_text(scenario: Scenario, summaries: list[dict], compared: list[dict],
+                reduced: list[dict]) -> str:
+    parts = [table(["TOPOLOGY", "POLICY", "JCT", "TURNS", "MEAN TTFT", "MEAN TPOT", "DE READS",
+                    "SNIC MAX/AVG", "SNIC BALANCE", "VERIFIED", "CORRUPT", "HOST CPU"],
+                   [[s["topology"], s["policy"], f"{s['jct']:.1f} s", str(s["turns"]),
+                     f"{s['ttft']:.3f} s", f"{s['tpot'] * 1e3:.1f} ms", f"{s['de_reads']:.0%}",
+                     f"{s['snic_max_over_avg']:.2f}", f"{s['snic_balance']:.2f}",
+                     f"{s['verified_bytes']} B", str(s["corrupt_bytes"]),
+                     f"{s['host_cpu']:.0%}"] for s in summaries])]
+    source = f" (paper: {scenario.paper.source})" if scenario.paper else ""
+    if compared:
+        parts.append(f"DualPath over basic, against what each configuration allows{source}:\n"
+                     + table(["TOPOLOGY", "SPEEDUP", "SNIC BOUND (P+D)/P",
+                              "COMPUTE BOUND BASIC/ORACLE", "LIMIT", "SHARE OF LIMIT",
+                              "PAPER SPEEDUP"],
+                             [[c["topology"], f"{c['speedup']:.2f}x", f"{c['snic_bound']:.2f}x",
+                               _optional(c["compute_bound"], ".2f"), _optional(c["limit"], ".2f"),
+                               _optional(c["share_of_limit"], ".0%"),
+                               _optional(c["paper_speedup"], ".2f")] for c in compared]))
+    if reduced and scenario.paper and scenario.paper.reduction:
+        parts.append(f"JCT reduction against basic{source}:\n"
+                     + table(["TOPOLOGY", "POLICY", "REDUCTION", "PAPER"],
+                             [[r["topology"], r["policy"], f"{r['reduction']:.1%}",
+                               _optional(r["paper_reduction"], ".1%")] for r in reduced]))
+    return "\n\n".join(parts)
 
 
 def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> Path:
@@ -175,28 +253,28 @@ def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> P
         raise TestbedError(f"workload.start_turn: got {w.start_turn}, expected fewer than the "
                            "trajectories' turns")
     print(f"scenario {scenario.name}: {len(replays)} agents, "
-          f"{sum(len(t) for _, t in replays)} turns, policies "
+          f"{sum(len(t) for _, t in replays)} turns, topologies "
+          f"{', '.join(map(topology_name, scenario.topologies))}, policies "
           f"{', '.join(scenario.policies)}", flush=True)
-    results = [run_policy(scenario, policy, replays) for policy in scenario.policies]
+    results = [run_policy(scenario, topology, policy, replays)
+               for topology in scenario.topologies for policy in scenario.policies]
     summaries = [summarize(r) for r in results]
+    compared, reduced = comparisons(scenario, summaries, results), reductions(scenario, summaries)
 
     out = results_root / scenario.name / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
-        {"scenario": scenario.model_dump(), "summaries": summaries, "results": results},
-        indent=1))
+        {"scenario": scenario.model_dump(), "summaries": summaries, "comparisons": compared,
+         "reductions": reduced, "results": results}, indent=1))
     with open(out / "requests.csv", "w", newline="") as f:
-        rows = [{"policy": r["policy"], **rec} for r in results for rec in r["records"]]
+        rows = [{"topology": r["topology"], "policy": r["policy"], **rec}
+                for r in results for rec in r["records"]]
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    text = table(["POLICY", "JCT", "TURNS", "MEAN TTFT", "MEAN TPOT", "DE READS",
-                  "SNIC MAX/AVG", "VERIFIED", "CORRUPT", "HOST CPU"],
-                 [[s["policy"], f"{s['jct']:.1f} s", str(s["turns"]), f"{s['ttft']:.3f} s",
-                   f"{s['tpot'] * 1e3:.1f} ms", f"{s['de_reads']:.0%}",
-                   f"{s['snic_max_over_avg']:.2f}", f"{s['verified_bytes']} B",
-                   str(s["corrupt_bytes"]), f"{s['host_cpu']:.0%}"] for s in summaries])
-    warnings = [f"{r['policy']}: {r['cpu_warning']}" for r in results if r["cpu_warning"]]
+    text = report_text(scenario, summaries, compared, reduced)
+    warnings = [f"{r['topology']} / {r['policy']}: {r['cpu_warning']}"
+                for r in results if r["cpu_warning"]]
     figures = write_plots(out, results)
     (out / "summary.md").write_text(
         f"# {scenario.name}\n\n{scenario.description}\n\n```\n{text}\n```\n"

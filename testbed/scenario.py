@@ -1,10 +1,14 @@
 """Scenario files: a topology, a model, a workload and the policies to compare.
 
     description: one line for the report
-    topology: topologies/1p1d.yaml      # relative to the repository
+    topologies: [topologies/1p1d.yaml]  # relative to the repository; each runs every policy
     model: ds-27b
     workload: {dataset: 64k, agents: 8, seed: 1, start_turn: 0, max_turns: 4}
     policies: [basic, dualpath]
+    paper:                               # optional: the paper's figures, printed beside ours
+      source: Figure 8, DS 27B, 64K, 2,048 agents
+      speedup: {1p1d: 1.77}              # DualPath over basic JCT, per topology name
+      reduction: {dualpath: 0.4562}      # JCT reduction against basic, per policy
 
 Any problem is reported as one line naming the file, the field, the value and what was
 expected, as for topologies.
@@ -36,21 +40,38 @@ class Workload(Spec):
                                   description="replay at most this many turns per agent")
 
 
+class PaperFigures(Spec):
+    """What the paper reports for the same experiment, to print beside the measurement."""
+    source: str = Field(description="where in the paper, e.g. 'Figure 8, DS 27B, 64K'")
+    speedup: dict[str, float] = Field(default_factory=dict,
+                                      description="DualPath over basic JCT, per topology name")
+    reduction: dict[str, float] = Field(default_factory=dict,
+                                        description="JCT reduction against basic, per policy")
+
+
 class Scenario(Spec):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
     description: str = ""
-    topology: str
+    topologies: list[str] = Field(min_length=1)
     model: str
     workload: Workload
     policies: list[str] = Field(min_length=1)
+    paper: PaperFigures | None = None
 
-    @field_validator("topology")
+    @field_validator("topologies")
     @classmethod
-    def topology_exists(cls, value: str) -> str:
-        if not (REPO / value).is_file():
-            raise ValueError("expected a topology file under the repository, such as "
-                             "topologies/1p1d.yaml")
+    def topologies_exist(cls, value: list[str]) -> list[str]:
+        for path in value:
+            if not (REPO / path).is_file():
+                raise ValueError(f"got {path!r}, expected a topology file under the "
+                                 "repository, such as topologies/1p1d.yaml")
+        if len(set(map(topology_name, value))) < len(value):
+            raise ValueError("expected topologies with distinct file names")
         return value
+
+
+def topology_name(path: str) -> str:
+    return Path(path).stem
 
 
 def load_scenario(name_or_path: str) -> Scenario:
@@ -62,7 +83,7 @@ def load_scenario(name_or_path: str) -> Scenario:
         known = ", ".join(sorted(p.stem for p in SCENARIOS.glob("*.yaml")))
         raise TestbedError(f"{path}: no such scenario file; scenarios: {known}")
     data = require_mapping(path, read_yaml(path, "scenario"), "scenario",
-                           "topology, model, workload, policies")
+                           "topologies, model, workload, policies")
     data.setdefault("name", path.stem)
     try:
         return Scenario.model_validate(data)

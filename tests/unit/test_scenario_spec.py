@@ -16,7 +16,7 @@ def test_shipped_scenarios_load(path):
     assert scenario.name == path.stem and scenario.policies
 
 
-GOOD = """topology: topologies/1p1d.yaml
+GOOD = """topologies: [topologies/1p1d.yaml]
 model: ds-27b
 workload: {dataset: 64k, agents: 2}
 policies: [basic]
@@ -25,7 +25,11 @@ policies: [basic]
 
 @pytest.mark.parametrize("change,field,expected", [
     (("agents: 2", "agents: 0"), "workload.agents", "greater than or equal to 1"),
-    (("topology: topologies/1p1d.yaml", "topology: nowhere.yaml"), "topology", "expected a topology file"),
+    (("[topologies/1p1d.yaml]", "[nowhere.yaml]"), "topologies", "expected a topology file"),
+    (("[topologies/1p1d.yaml]", "[topologies/1p1d.yaml, topologies/1p1d.yaml]"), "topologies",
+     "distinct file names"),
+    (("policies: [basic]", "policies: [basic]\npaper: {speedup: {1p1d: 1.7}}"), "paper.source",
+     "expected this field to be set"),
     (("policies: [basic]", "policies: []"), "policies", "at least 1"),
     (("model: ds-27b", "modle: ds-27b"), "modle", "no such field"),
 ])
