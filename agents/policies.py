@@ -82,6 +82,11 @@ class Basic(Policy):
     name, layerwise, dual_path, scheduled = "basic", False, False, False
 
 
+class Layerwise(Policy):
+    """Basic plus layerwise prefill: the ablation's first step."""
+    name, dual_path, scheduled = "layerwise", False, False
+
+
 class DualPath(Policy):
     """The full system."""
     name = "dualpath"
@@ -97,7 +102,7 @@ class Oracle(Policy):
     name, oracle = "oracle", True
 
 
-POLICIES = {p.name: p for p in (Basic, DualPath, DualPathRoundRobin, Oracle)}
+POLICIES = {p.name: p for p in (Basic, Layerwise, DualPath, DualPathRoundRobin, Oracle)}
 
 
 def load_policy(name: str) -> Policy:

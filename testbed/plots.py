@@ -10,16 +10,22 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
-def write_plots(out: Path, results: list[dict]) -> list[Path]:
-    """jct.png (JCT per policy), snic.png (SNIC read utilization over time, per node and
-    policy) and ttft_cdf.png (TTFT distribution per policy)."""
+def write_plots(out: Path, results: list[dict], slo_ttft: float) -> list[Path]:
+    """jct.png (JCT per policy) offline, or capacity.png (mean TTFT against the arrival rate,
+    with the SLO) online; snic.png (SNIC read utilization over time, per node and run) and
+    ttft_cdf.png (TTFT distribution per run)."""
     written = []
 
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(results)), 3.5))
-    ax.bar([_label(r, results) for r in results], [r["jct"] for r in results], color="#4878a8")
-    ax.set_ylabel("JCT (s, real-cluster time)")
-    ax.set_title("Job completion time per policy")
-    written.append(_save(fig, out / "jct.png"))
+    online = [r for r in results if r["aps"] is not None]
+    if online:
+        written.append(_capacity(out, online, slo_ttft))
+    else:
+        fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(results)), 3.5))
+        ax.bar([_label(r, results) for r in results], [r["jct"] for r in results],
+               color="#4878a8")
+        ax.set_ylabel("JCT (s, real-cluster time)")
+        ax.set_title("Job completion time per policy")
+        written.append(_save(fig, out / "jct.png"))
 
     fig, axes = plt.subplots(len(results), 1, figsize=(7, 2.6 * len(results)), sharex=True,
                              squeeze=False)
@@ -46,11 +52,29 @@ def write_plots(out: Path, results: list[dict]) -> list[Path]:
     return written
 
 
+def _capacity(out: Path, online: list[dict], slo_ttft: float) -> Path:
+    fig, ax = plt.subplots(figsize=(6, 3.5))
+    for key in dict.fromkeys((r["topology"], r["policy"]) for r in online):
+        runs = [r for r in online if (r["topology"], r["policy"]) == key]
+        ax.plot([r["aps"] for r in runs],
+                [sum(t["ttft"] for t in r["records"]) / len(r["records"]) for r in runs],
+                marker="o", label=" / ".join(key))
+    ax.axhline(slo_ttft, color="grey", linestyle="--", label="SLO")
+    ax.set_xlabel("agents arriving per second (APS)")
+    ax.set_ylabel("mean TTFT (s)")
+    ax.set_title("Online latency against load")
+    ax.legend(fontsize="small")
+    return _save(fig, out / "capacity.png")
+
+
 def _label(result: dict, results: list[dict]) -> str:
-    """The policy, and the topology when the scenario has more than one."""
+    """The policy, with the topology and the arrival rate when the scenario has several."""
+    label = result["policy"]
     if len({r["topology"] for r in results}) > 1:
-        return f"{result['topology']}\n{result['policy']}"
-    return result["policy"]
+        label = f"{result['topology']}\n{label}"
+    if len({r["aps"] for r in results}) > 1:
+        label += f"\n{result['aps']:g} APS"
+    return label
 
 
 def _save(fig, path: Path) -> Path:

@@ -21,6 +21,7 @@ from testbed.plan import ClusterPlan
 from testbed.profile import load_profile
 from testbed.state import FabricRecord
 
+SEED_CHUNK = 2048             # blocks per seed call
 PROMPT_BLOCK_TOKENS = 512     # one Full Block of prompt KV (Mooncake's block size)
 HIT_BLOCKS, MISS_BLOCKS, GENERATED_BLOCKS = 0x0000, 0x4000, 0x8000
 
@@ -110,7 +111,9 @@ def seed_blocks(plan: ClusterPlan, geometry: Geometry, blocks: list[Block]) -> N
         for host in storage_hosts(plan, block[0]):
             by_host.setdefault(host, []).append(block)
     for host, held in by_host.items():
-        call(plan.host(host).address("mgmt"), "seed", geometry=geometry.to_json(), blocks=held)
+        for first in range(0, len(held), SEED_CHUNK):   # each call well within its timeout
+            call(plan.host(host).address("mgmt"), "seed", geometry=geometry.to_json(),
+                 blocks=held[first:first + SEED_CHUNK])
 
 
 def prefill(plan: ClusterPlan, req: PreparedRequest) -> dict:

@@ -29,12 +29,15 @@ from testbed.plots import write_plots
 from testbed.profile import ModelProfile, load_profile
 from testbed.report import table
 from testbed.errors import TestbedError
-from testbed.request import GENERATED_BLOCKS, MISS_BLOCKS, seed_blocks, split
-from testbed.scenario import REPO, Scenario, topology_name
+from testbed.request import (GENERATED_BLOCKS, MISS_BLOCKS, PROMPT_BLOCK_TOKENS, seed_blocks,
+                             split)
+from testbed.scenario import REPO, Scenario, Workload, topology_name
 from testbed.state import FabricRecord
 from testbed.topology import load_topology
-from testbed.workload import Turn, generate_trajectories
+from testbed.trace import load_trace
+from testbed.workload import Turn, generate_trajectories, poisson_arrivals
 
+TRACE_BLOCKS = 1 << 62   # trace block ids start here, above any request's own (< 2**62)
 HBM_KV_BYTES = 40e9      # estimate: an 80 GB GPU less weights and activations, for decode KV
 SAMPLE_SECONDS = 1.0     # SNIC utilization samples
 PROGRESS_SECONDS = 5.0   # progress lines
@@ -46,6 +49,8 @@ class Agent:
     id: str
     turns: tuple[Turn, ...]
     stored: list[Block] = field(default_factory=list)
+    arrival: float = 0.0                 # seconds after the run's start
+    hash_ids: tuple[int, ...] | None = None   # a trace request's prompt blocks
     finished: float | None = None
 
     @property
@@ -62,20 +67,39 @@ def thresholds(plan: ClusterPlan, profile: ModelProfile, context: int, append: i
             "hbm_tokens": int(HBM_KV_BYTES / profile.kv_bytes_per_token)}
 
 
+def trace_blocks(agent: Agent, turn: Turn, cache: set[int], base: int,
+                 ) -> tuple[list[Block], list[Block]]:
+    """A trace request's hit and miss blocks: its full blocks, named by their trace ids, hit
+    from the first up to the first one not stored yet; the rest, and a partial last block
+    (never shared), are misses."""
+    full = [TRACE_BLOCKS + h for h in agent.hash_ids[:turn.prompt // PROMPT_BLOCK_TOKENS]]
+    stored = next((i for i, block in enumerate(full) if block not in cache), len(full))
+    hit = [(block, PROMPT_BLOCK_TOKENS) for block in full[:stored]]
+    miss = [(block, PROMPT_BLOCK_TOKENS) for block in full[stored:]]
+    return hit, miss + split(turn.prompt % PROMPT_BLOCK_TOKENS, base + MISS_BLOCKS)
+
+
 async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict],
-                    started: float) -> None:
+                    started: float, cache: set[int]) -> None:
+    """Replays an agent's turns one after the other, or one trace request (`cache`: the
+    trace blocks stored so far)."""
+    await asyncio.sleep(max(0.0, started + agent.arrival - time.time()))
     for number, turn in enumerate(agent.turns):
         request = random.randrange(1, 1 << 46)
         base = request << 16
-        hit = list(agent.stored)
-        miss = split(turn.context - agent.stored_tokens + turn.append, base + MISS_BLOCKS)
+        if agent.hash_ids is None:
+            hit = list(agent.stored)
+            miss = split(turn.context - agent.stored_tokens + turn.append, base + MISS_BLOCKS)
+        else:
+            hit, miss = trace_blocks(agent, turn, cache, base)
         result = await acall(scheduler, "submit", request=request, model=model, hit=hit,
                              miss=miss, generate=turn.generate,
                              generated_block_base=base + GENERATED_BLOCKS)
         decode, prefill = result["decode"], result["prefill"]
         agent.stored += miss + [tuple(b) for b in decode["persisted"]]
+        cache.update(block for block, _ in miss if block >= TRACE_BLOCKS)
         records.append({
-            "trajectory": agent.id, "turn": number, "request": request,
+            "trajectory": agent.id, "turn": number, "request": request, "arrival": agent.arrival,
             "hit_tokens": sum(t for _, t in hit), "miss_tokens": sum(t for _, t in miss),
             "generated": turn.generate, "path": result["path"], "pe": result["pe"],
             "de": result["de"], "submitted": result["submitted"] - started,
@@ -86,32 +110,78 @@ async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict
     agent.finished = time.time() - started
 
 
-def warm_start(plan: ClusterPlan, profile: ModelProfile, replays: list[tuple[str, tuple]],
-               ) -> list[Agent]:
-    """Agents whose first replayed turn finds its context in storage, written off-network."""
-    geometry = Geometry.of(profile, plan.topology.scale)
-    agents = []
-    for name, turns in replays:
-        stored = split(turns[0].context, random.randrange(1, 1 << 46) << 16)
-        seed_blocks(plan, geometry, stored)
-        agents.append(Agent(name, turns, stored))
+def replays(workload: Workload, aps: float | None) -> list[Agent]:
+    """The agents of one run: their trajectories cut to the replayed turns, and their
+    arrival times (all at 0 offline; a Poisson process at `aps` online); or a trace's
+    requests, one turn each, at their timestamps."""
+    if workload.kind == "trace":
+        return trace_replays(workload)
+    end = None if workload.max_turns is None else workload.start_turn + workload.max_turns
+    count = workload.agents_at(aps)
+    cut = [(t.id, t.turns[workload.start_turn:end])
+           for t in generate_trajectories(workload.dataset, count, workload.seed)]
+    cut = [(name, turns) for name, turns in cut if turns]
+    if not cut:
+        raise TestbedError(f"workload.start_turn: got {workload.start_turn}, expected fewer "
+                           "than the trajectories' turns")
+    arrivals = ([0.0] * len(cut) if aps is None
+                else poisson_arrivals(aps, len(cut), workload.seed))
+    return [Agent(name, turns, arrival=at) for (name, turns), at in zip(cut, arrivals)]
+
+
+def trace_replays(workload: Workload) -> list[Agent]:
+    """The trace's requests after the first `skip` (whose blocks are stored beforehand:
+    the first replayed one carries them as `stored`), `limit` of them, arrivals from the
+    first replayed one on, divided by `speed`."""
+    end = None if workload.limit is None else workload.skip + workload.limit
+    requests = load_trace(workload.trace_path, end)
+    head, replayed = requests[:workload.skip], requests[workload.skip:]
+    if not replayed:
+        raise TestbedError(f"workload.skip: got {workload.skip}, expected fewer than the "
+                           f"trace's {len(requests)} requests")
+    warm = sorted({TRACE_BLOCKS + h for r in head
+                   for h in r.hash_ids[:r.input_length // PROMPT_BLOCK_TOKENS]})
+    t0 = replayed[0].arrival
+    agents = [Agent(f"request-{workload.skip + i}",
+                    (Turn(r.hit_tokens, r.miss_tokens, r.output_length),),
+                    arrival=(r.arrival - t0) / workload.speed, hash_ids=r.hash_ids)
+              for i, r in enumerate(replayed)]
+    agents[0].stored = [(block, PROMPT_BLOCK_TOKENS) for block in warm]
     return agents
 
 
+def warm_start(plan: ClusterPlan, profile: ModelProfile, agents: list[Agent],
+               ) -> tuple[list[Agent], set[int]]:
+    """Fresh copies of `agents` whose first replayed turn finds its context in storage,
+    written off-network; and the trace blocks so stored."""
+    geometry = Geometry.of(profile, plan.topology.scale)
+    ready, cache = [], set()
+    for agent in agents:
+        if agent.hash_ids is None:
+            stored = split(agent.turns[0].context, random.randrange(1, 1 << 46) << 16)
+        else:
+            stored = agent.stored
+            cache.update(block for block, _ in stored)
+        seed_blocks(plan, geometry, stored)
+        ready.append(Agent(agent.id, agent.turns, stored if agent.hash_ids is None else [],
+                           agent.arrival, agent.hash_ids))
+    return ready, cache
+
+
 async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenario,
-                       policy: str, replays: list[tuple[str, tuple]]) -> dict:
+                       policy: str, workload: list[Agent]) -> dict:
     scheduler = plan.host("sched").address("mgmt")
     profile = load_profile(scenario.model)
-    turns = [t for _, ts in replays for t in ts]
+    turns = [t for a in workload for t in a.turns]
     mean_context = sum(t.context for t in turns) // len(turns)
     mean_append = sum(t.append for t in turns) // len(turns)
     await acall(scheduler, "configure", policy=policy,
                 **thresholds(plan, profile, mean_context, mean_append))
-    agents = warm_start(plan, profile, replays)
+    agents, cache = warm_start(plan, profile, workload)
     records: list[dict] = []
     started = time.time()
-    tasks = [asyncio.create_task(run_agent(a, scheduler, scenario.model, records, started))
-             for a in agents]
+    tasks = [asyncio.create_task(run_agent(a, scheduler, scenario.model, records, started,
+                                           cache)) for a in agents]
     snic_rate = {n.name: n.interface("snic").rate for n in plan.of_kind("node")}
     timeline: dict[str, list[tuple[float, float]]] = {node: [] for node in snic_rate}
     last = (time.time(), await asyncio.to_thread(counters.nic_bytes, record, "snic", "rx"))
@@ -126,31 +196,37 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
         if now[0] - printed >= PROGRESS_SECONDS or all(t.done() for t in tasks):
             printed = now[0]
             done = sum(a.finished is not None for a in agents)
+            arrived = sum(a.arrival <= now[0] - started for a in agents)
             tokens = sum(r["hit_tokens"] + r["miss_tokens"] + r["generated"] for r in records)
             elapsed = now[0] - started
             snic = max((series[-1][1] for series in timeline.values() if series), default=0)
-            print(f"  {policy}: {elapsed:6.1f} s, agents {done}/{len(agents)} done, "
+            print(f"  {policy}: {elapsed:6.1f} s, agents {done}/{arrived}/{len(agents)} "
+                  "done/arrived/all, "
                   f"{len(records)} turns, {tokens / elapsed / 1e3:.1f} K tokens/s, "
                   f"busiest SNIC {snic:.0%}", flush=True)
     for task in tasks:
         task.result()          # a failed turn fails the run, with its reason
-    return {"policy": policy, "jct": max(a.finished for a in agents), "records": records,
-            "snic_timeline": timeline}
+    # Offline the batch's completion; online the mean trajectory's (paper §7).
+    jct = (sum(a.finished - a.arrival for a in agents) / len(agents)
+           if scenario.workload.timed else max(a.finished for a in agents))
+    return {"policy": policy, "jct": jct, "records": records, "snic_timeline": timeline}
 
 
-def run_policy(scenario: Scenario, topology_path: str, policy: str,
-               replays: list[tuple[str, tuple]]) -> dict:
+def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float | None) -> dict:
     topology = load_topology(REPO / topology_path)
-    print(f"{topology.name} / {policy}: bringing the cluster up", flush=True)
+    workload = replays(scenario.workload, aps)
+    rate = "" if aps is None else f" at {aps:g} APS"
+    print(f"{topology.name} / {policy}{rate}: {len(workload)} agents, "
+          f"{sum(len(a.turns) for a in workload)} turns", flush=True)
     with RunningCluster(topology, topology_path=str(REPO / topology_path)) as fabric:
         record = FabricRecord.read()
         before = counters.snapshot(record)
         with CpuWatch() as cpu:
-            result = asyncio.run(run_workload(fabric.plan, record, scenario, policy, replays))
+            result = asyncio.run(run_workload(fabric.plan, record, scenario, policy, workload))
         moved = counters.delta(before, counters.snapshot(record))
     snic = {n.name: moved.get((n.name, "snic", "rx"), 0) * topology.scale
             for n in fabric.plan.of_kind("node")}
-    result.update(topology=topology.name, prefill_nodes=topology.prefill_nodes,
+    result.update(topology=topology.name, aps=aps, prefill_nodes=topology.prefill_nodes,
                   decode_nodes=topology.decode_nodes, snic_read_bytes=snic,
                   host_cpu=cpu.mean, cpu_warning=cpu.warning())
     return result
@@ -169,7 +245,8 @@ def summarize(result: dict) -> dict:
     records = result["records"]
     snic = list(result["snic_read_bytes"].values())
     mean = lambda key: sum(r[key] for r in records) / len(records)  # noqa: E731
-    return {"topology": result["topology"], "policy": result["policy"], "jct": result["jct"],
+    return {"topology": result["topology"], "policy": result["policy"], "aps": result["aps"],
+            "jct": result["jct"],
             "turns": len(records), "ttft": mean("ttft"), "tpot": mean("tpot"),
             "de_reads": sum(r["path"] == "de" for r in records) / len(records),
             "snic_max_over_avg": max(snic) / (sum(snic) / len(snic)) if sum(snic) else 0.0,
@@ -217,10 +294,11 @@ def _optional(value: float | None, fmt: str) -> str:
 
 
 def report_text(scenario: Scenario, summaries: list[dict], compared: list[dict],
-                reduced: list[dict]) -> str:
-    parts = [table(["TOPOLOGY", "POLICY", "JCT", "TURNS", "MEAN TTFT", "MEAN TPOT", "DE READS",
+                reduced: list[dict], capacity: list[dict]) -> str:
+    parts = [table(["TOPOLOGY", "POLICY", "APS", "JCT", "TURNS", "MEAN TTFT", "MEAN TPOT", "DE READS",
                     "SNIC MAX/AVG", "SNIC BALANCE", "VERIFIED", "CORRUPT", "HOST CPU"],
-                   [[s["topology"], s["policy"], f"{s['jct']:.1f} s", str(s["turns"]),
+                   [[s["topology"], s["policy"], _optional(s["aps"], "g"),
+                     f"{s['jct']:.1f} s", str(s["turns"]),
                      f"{s['ttft']:.3f} s", f"{s['tpot'] * 1e3:.1f} ms", f"{s['de_reads']:.0%}",
                      f"{s['snic_max_over_avg']:.2f}", f"{s['snic_balance']:.2f}",
                      f"{s['verified_bytes']} B", str(s["corrupt_bytes"]),
@@ -240,42 +318,85 @@ def report_text(scenario: Scenario, summaries: list[dict], compared: list[dict],
                      + table(["TOPOLOGY", "POLICY", "REDUCTION", "PAPER"],
                              [[r["topology"], r["policy"], f"{r['reduction']:.1%}",
                                _optional(r["paper_reduction"], ".1%")] for r in reduced]))
+    if capacity:
+        w = scenario.workload
+        parts.append(f"Capacity under the SLO (mean TTFT <= {w.slo_ttft:g} s, mean TPOT <= "
+                     f"{w.slo_tpot * 1e3:g} ms){source}:\n"
+                     + table(["TOPOLOGY", *(p.upper() for p in scenario.policies),
+                              "DUALPATH/BASIC", "PAPER"],
+                             [[c["topology"], *(f"{c['capacity'][p]:g} APS"
+                                                for p in scenario.policies),
+                               _optional(c["ratio"], ".2f"), _optional(c["paper_ratio"], ".2f")]
+                              for c in capacity]))
     return "\n\n".join(parts)
+
+
+def meets_slo(summary: dict, workload: Workload) -> bool:
+    return summary["ttft"] <= workload.slo_ttft and summary["tpot"] <= workload.slo_tpot
+
+
+def run_all(scenario: Scenario) -> list[dict]:
+    """Every topology x policy x arrival rate; an online sweep of a policy stops at the first
+    rate that misses the SLO (the paper's stop rule: TTFT over 4 s)."""
+    results = []
+    for topology in scenario.topologies:
+        for policy in scenario.policies:
+            for aps in scenario.workload.levels():
+                results.append(run_policy(scenario, topology, policy, aps))
+                if aps is not None and not meets_slo(summarize(results[-1]), scenario.workload):
+                    print(f"  {policy} misses the SLO at {aps:g} APS: its sweep stops",
+                          flush=True)
+                    break
+    return results
+
+
+def capacities(scenario: Scenario, summaries: list[dict]) -> list[dict]:
+    """Online: per topology and policy, the highest rate of the sweep meeting the SLO from the
+    lowest rate up (0 if even the lowest misses it), and DualPath's over basic's."""
+    rows = []
+    for topology in dict.fromkeys(s["topology"] for s in summaries):
+        capacity = {}
+        for policy in scenario.policies:
+            capacity[policy] = 0.0
+            for s in summaries:
+                if s["topology"] == topology and s["policy"] == policy:
+                    if not meets_slo(s, scenario.workload):
+                        break
+                    capacity[policy] = s["aps"]
+        ratio = (capacity["dualpath"] / capacity["basic"]
+                 if capacity.get("basic") and "dualpath" in capacity else None)
+        rows.append({"topology": topology, "capacity": capacity, "ratio": ratio,
+                     "paper_ratio": scenario.paper.capacity_ratio if scenario.paper else None})
+    return rows
 
 
 def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> Path:
     w = scenario.workload
-    end = None if w.max_turns is None else w.start_turn + w.max_turns
-    replays = [(t.id, t.turns[w.start_turn:end])
-               for t in generate_trajectories(w.dataset, w.agents, w.seed)]
-    replays = [(name, turns) for name, turns in replays if turns]
-    if not replays:
-        raise TestbedError(f"workload.start_turn: got {w.start_turn}, expected fewer than the "
-                           "trajectories' turns")
-    print(f"scenario {scenario.name}: {len(replays)} agents, "
-          f"{sum(len(t) for _, t in replays)} turns, topologies "
+    levels = "" if w.kind == "offline" else f", {', '.join(f'{a:g}' for a in w.aps)} APS"
+    print(f"scenario {scenario.name}: {w.kind}, topologies "
           f"{', '.join(map(topology_name, scenario.topologies))}, policies "
-          f"{', '.join(scenario.policies)}", flush=True)
-    results = [run_policy(scenario, topology, policy, replays)
-               for topology in scenario.topologies for policy in scenario.policies]
+          f"{', '.join(scenario.policies)}{levels}", flush=True)
+    results = run_all(scenario)
     summaries = [summarize(r) for r in results]
-    compared, reduced = comparisons(scenario, summaries, results), reductions(scenario, summaries)
+    offline = [s for s in summaries if s["aps"] is None]
+    compared, reduced = comparisons(scenario, offline, results), reductions(scenario, offline)
+    capacity = capacities(scenario, summaries) if w.kind == "online" else []
 
     out = results_root / scenario.name / time.strftime("%Y%m%d-%H%M%S")
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
         {"scenario": scenario.model_dump(), "summaries": summaries, "comparisons": compared,
-         "reductions": reduced, "results": results}, indent=1))
+         "reductions": reduced, "capacities": capacity, "results": results}, indent=1))
     with open(out / "requests.csv", "w", newline="") as f:
-        rows = [{"topology": r["topology"], "policy": r["policy"], **rec}
+        rows = [{"topology": r["topology"], "policy": r["policy"], "aps": r["aps"], **rec}
                 for r in results for rec in r["records"]]
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    text = report_text(scenario, summaries, compared, reduced)
+    text = report_text(scenario, summaries, compared, reduced, capacity)
     warnings = [f"{r['topology']} / {r['policy']}: {r['cpu_warning']}"
                 for r in results if r["cpu_warning"]]
-    figures = write_plots(out, results)
+    figures = write_plots(out, results, w.slo_ttft)
     (out / "summary.md").write_text(
         f"# {scenario.name}\n\n{scenario.description}\n\n```\n{text}\n```\n"
         + "".join(f"\n{w}\n" for w in warnings)

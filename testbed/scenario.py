@@ -9,6 +9,7 @@
       source: Figure 8, DS 27B, 64K, 2,048 agents
       speedup: {1p1d: 1.77}              # DualPath over basic JCT, per topology name
       reduction: {dualpath: 0.4562}      # JCT reduction against basic, per policy
+      capacity_ratio: 1.67               # online: DualPath over basic capacity
 
 Any problem is reported as one line naming the file, the field, the value and what was
 expected, as for topologies.
@@ -19,7 +20,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from testbed.errors import TestbedError
 from testbed.topology import Spec, read_yaml, require_mapping, validation_message
@@ -29,15 +30,69 @@ SCENARIOS = REPO / "scenarios"
 
 
 class Workload(Spec):
-    kind: Literal["offline"] = "offline"     # all agents start at t = 0; the metric is JCT
+    """offline: `agents` start at t = 0, the metric is JCT. online: agents arrive as a Poisson
+    process, `duration` seconds at each rate in `aps`; the metrics are TTFT, TPOT and the
+    capacity, the highest rate that meets the SLO (the sweep of a policy stops at the first
+    rate that misses it). trace: the requests of a Mooncake-format trace at their timestamps
+    (divided by `speed`), hits from shared block ids; the first `skip` requests' blocks are
+    stored beforehand, and `limit` requests are replayed."""
+    kind: Literal["offline", "online", "trace"] = "offline"
     dataset: str = "64k"
-    agents: int = Field(ge=1, le=4096, strict=True)
+    agents: int | None = Field(default=None, ge=1, le=4096, strict=True)
+    aps: list[float] = Field(default_factory=list, description="online: agents per second")
+    duration: float = Field(default=60.0, gt=0, le=3600,
+                            description="online: seconds of arrivals at each rate")
     seed: int = Field(default=1, strict=True)
     start_turn: int = Field(default=0, ge=0, strict=True,
                             description="replay from this turn on, its context already in "
                                         "storage: the middle of long trajectories, at once")
     max_turns: int | None = Field(default=None, ge=1, strict=True,
                                   description="replay at most this many turns per agent")
+    trace: str | None = Field(default=None, description="trace: a JSONL file, relative to "
+                                                        "the repository or absolute")
+    skip: int = Field(default=0, ge=0, strict=True, description="trace: requests stored first")
+    limit: int | None = Field(default=None, ge=1, strict=True,
+                              description="trace: requests replayed")
+    speed: float = Field(default=1.0, gt=0, le=1000, description="trace: timestamps / speed")
+    slo_ttft: float = Field(default=4.0, gt=0, description="online SLO: mean TTFT, seconds")
+    slo_tpot: float = Field(default=0.05, gt=0, description="online SLO: mean TPOT, seconds")
+
+    @model_validator(mode="after")
+    def complete(self) -> "Workload":
+        if self.kind == "offline" and self.agents is None:
+            raise ValueError("agents: missing, expected the number of agents for an "
+                             "offline workload")
+        if self.kind == "online":
+            if not self.aps or any(a <= 0 for a in self.aps) or self.aps != sorted(set(self.aps)):
+                raise ValueError(f"aps: got {self.aps}, expected increasing rates > 0 "
+                                 "(agents per second) for an online workload")
+            if self.agents is not None:
+                raise ValueError("agents: an online workload's agents come from aps "
+                                 "x duration, expected no agents field")
+        if self.kind == "trace":
+            if self.trace is None or not self.trace_path.is_file():
+                raise ValueError(f"trace: got {self.trace!r}, expected a Mooncake-format JSONL "
+                                 "file for a trace workload")
+        elif self.trace is not None:
+            raise ValueError(f"trace: got {self.trace!r} for a {self.kind} workload, expected "
+                             "kind: trace")
+        return self
+
+    @property
+    def trace_path(self) -> Path:
+        return REPO / self.trace if self.trace else REPO
+
+    def levels(self) -> list[float | None]:
+        """The arrival rates to run: one offline run (None), or each online rate."""
+        return list(self.aps) if self.kind == "online" else [None]
+
+    def agents_at(self, aps: float | None) -> int:
+        return self.agents if aps is None else max(1, round(aps * self.duration))
+
+    @property
+    def timed(self) -> bool:
+        """Whether work arrives over time (JCT is then a mean per arrival, not the batch's)."""
+        return self.kind != "offline"
 
 
 class PaperFigures(Spec):
@@ -47,6 +102,8 @@ class PaperFigures(Spec):
                                       description="DualPath over basic JCT, per topology name")
     reduction: dict[str, float] = Field(default_factory=dict,
                                         description="JCT reduction against basic, per policy")
+    capacity_ratio: float | None = Field(default=None, gt=0,
+                                         description="online: DualPath over basic capacity")
 
 
 class Scenario(Spec):

@@ -13,7 +13,9 @@ from agents.scheduling import EngineState, Request
 def test_builtin_policies_and_their_switches():
     switches = {name: (p.layerwise, p.dual_path, p.scheduled, p.oracle)
                 for name, p in POLICIES.items()}
+    # the ablation adds layerwise prefill, then dual-path loading, then the scheduler
     assert switches == {"basic": (False, False, False, False),
+                        "layerwise": (True, False, False, False),
                         "dualpath": (True, True, True, False),
                         "dualpath-rr": (True, True, False, False),
                         "oracle": (True, True, True, True)}
