@@ -3,12 +3,20 @@
 Clients `submit` requests; engine groups pull work through their leaders (`fetch`), and the
 policy decides, on each fetch, which engine takes which request and on which side its KV is
 read. A request first gets a decode engine (the prefill engine must know where to send the
-KV), then a prefill engine and a read path. Engines report back with `complete`.
+KV), then a prefill engine and a read path; its decode engine is handed the decode once the
+prefill has completed (the prompt KV is then in the DE buffer). Engines report back with
+`complete`.
 
 The scheduler keeps seq_e, tok_e and each node's read queue itself, from what it assigned
 and what completed: the numbers the engines would report on a fetch, without a polling
 delay. A node's read queue is the hit tokens of the prefills reading on that node that have
 not completed yet (a poll of the node agents would miss what this very fetch assigned).
+
+A decode engine's free HBM is what it reports: its capacity less the KV of the requests it
+holds in HBM, from the end of their prefill (when it allocates HBM and copies the prompt in,
+paper §3.3) to the end of their decode; within one fetch, the requests that fetch assigns
+are counted too. Requests still prefilling hold no HBM: their KV waits in the DE buffer, and
+an engine short of HBM when their prefill ends makes them wait for it.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ class Pending:
     pe: EngineState | None = None
     de: EngineState | None = None
     path: str | None = None
+    in_hbm: bool = False           # its decode engine holds its KV in HBM
     results: dict = field(default_factory=dict)
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -74,6 +83,8 @@ class SchedulerAgent(Agent):
         """A policy and its thresholds (alpha, beta in tokens; decode HBM in tokens)."""
         self.policy = load_policy(m["policy"])
         self.alpha, self.beta = int(m["alpha"]), int(m["beta"])
+        self.hbm_tokens = int(m["hbm_tokens"])
+        self.in_hbm = {name: 0 for name in self.engines}     # tokens held in HBM
         for e in self.engines.values():
             e.seq = e.tok = 0
         self.read_q = dict.fromkeys(self.read_q, 0)
@@ -82,6 +93,7 @@ class SchedulerAgent(Agent):
             for e in engines:
                 e.free_hbm = int(m["hbm_tokens"])
         self.global_de: deque[Request] = deque()
+        self.ready = {g: [] for g in self.groups["decode"]}   # decodes whose prefill is done
         self.private = {g: deque() for g in self.groups["decode"]}
         self.pe_waiting: deque[Request] = deque()
 
@@ -106,25 +118,28 @@ class SchedulerAgent(Agent):
         """A group leader pulls its group's new work."""
         group, role = m["group"], m["role"]
         if role == "decode":
+            for engines in self.groups["decode"].values():
+                for e in engines:
+                    e.free_hbm = self.hbm_tokens - self.in_hbm[e.name]
             assigned = self.policy.place_decode(self.global_de, self.groups["decode"],
                                                 self.private, group)
-            work = [self.decode_work(r, de) for r, de in assigned]
+            for r, de in assigned:
+                self.pending[r.id].de = de
+                self.pe_waiting.append(r)    # now it may be prefilled: its KV has somewhere to go
+            work, self.ready[group] = self.ready[group], []
         else:
             assigned = self.policy.place_prefill(self.pe_waiting, self.groups["prefill"][group],
                                                  dict(self.read_q), self.alpha, self.beta)
             work = [self.prefill_work(r, pe) for r, pe in assigned]
-        self.decisions[role] += len(work)
+        self.decisions[role] += len(assigned)
         return {"assignments": work}
 
-    def decode_work(self, r: Request, de: EngineState) -> dict:
-        p = self.pending[r.id]
-        p.de = de
-        self.pe_waiting.append(r)        # now it may be prefilled: its KV has somewhere to go
-        b = p.body
-        return {"engine": de.name, "op": "decode", "args": {
+    def decode_work(self, p: Pending) -> dict:
+        r, b = p.request, p.body
+        return {"engine": p.de.name, "op": "decode", "args": {
             "request": r.id, "model": b["model"], "prompt": b["hit"] + b["miss"],
             "generate": r.generate, "generated_block_base": b["generated_block_base"],
-            "oracle": self.policy.oracle}}
+            "oracle": self.policy.oracle, "hbm_tokens": self.hbm_tokens}}
 
     def prefill_work(self, r: Request, pe: EngineState) -> dict:
         p = self.pending[r.id]
@@ -153,8 +168,13 @@ class SchedulerAgent(Agent):
         engine.tok -= r.tokens
         if op == "prefill":
             self.read_q[self.read_node(p)] -= r.context
-        else:
-            engine.free_hbm += r.hbm_need
+            if not m.get("error"):
+                p.in_hbm = True
+                self.in_hbm[p.de.name] += r.hbm_need
+                self.ready[p.de.node].append(self.decode_work(p))
+        elif p.in_hbm:
+            p.in_hbm = False
+            self.in_hbm[p.de.name] -= r.hbm_need
         if m.get("error"):
             if not p.done.done():
                 p.done.set_exception(RuntimeError(f"{op} on {engine.name}: {m['error']}"))
