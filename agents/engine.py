@@ -70,8 +70,6 @@ class EngineAgent(Agent):
         self.scale = self.plan.topology.scale
         self.gpu = asyncio.Lock()                 # one GPU: compute runs one kernel at a time
         self.batch: dict[int, DecodeJob] = {}     # decode: the requests stepping together
-        self.hbm_used = 0                         # decode: KV tokens allocated in HBM
-        self.hbm_freed = asyncio.Condition()
         self.prefill_queue: deque[PrefillRun] = deque()
         self.prefilling: asyncio.Task | None = None
         self.stepping: asyncio.Task | None = None
@@ -234,17 +232,11 @@ class EngineAgent(Agent):
         geometry = self.geometry(profile)
         prompt, generate = parse_blocks(m["prompt"]), int(m["generate"])
         oracle = bool(m.get("oracle"))
-        need = sum(t for _, t in prompt) + generate
-        self.unfinished[request] = need
+        self.unfinished[request] = sum(t for _, t in prompt) + generate
         started = time.monotonic()
         fetched = verify_seconds = 0
         h2d_window = None
-        allocated = False
         try:
-            # HBM is allocated once the prompt KV is complete in the DE buffer (the FETCH
-            # below waits for that): a request short of HBM waits for others to finish.
-            await self.allocate_hbm(request, need, int(m.get("hbm_tokens", 1 << 60)))
-            allocated = True
             if not oracle:
                 # A fetch waits until the prompt KV is complete: a connection of its own.
                 node = Connection(self.address(self.host.node, "pcie"), NODE_PORT,
@@ -274,24 +266,12 @@ class EngineAgent(Agent):
         finally:
             self.batch.pop(request, None)
             self.unfinished.pop(request, None)
-            if allocated:
-                async with self.hbm_freed:
-                    self.hbm_used -= need
-                    self.hbm_freed.notify_all()
         return {"seconds": time.monotonic() - started, "h2d_seconds": h2d,
                 "h2d_window": h2d_window, "verify_seconds": verify_seconds,
                 "prompt_bytes": fetched, "steps": len(job.steps),
                 "first_token_wall": job.first_token_wall, "end_wall": time.time(),
                 "tpot": sum(job.steps) / len(job.steps) if job.steps else 0.0,
                 "persisted": job.persisted, "verifier": self.verifier.stats()}
-
-    async def allocate_hbm(self, request: int, need: int, capacity: int) -> None:
-        if need > capacity:
-            raise ProtocolError(f"request {request}: {need} tokens of KV exceed the HBM "
-                                f"capacity of {capacity}")
-        async with self.hbm_freed:
-            await self.hbm_freed.wait_for(lambda: self.hbm_used + need <= capacity)
-            self.hbm_used += need
 
     async def fetch_prompt(self, conn: Connection, request: int, geometry: Geometry,
                            prompt: list[Block]) -> tuple[float, float, list[Frame]]:

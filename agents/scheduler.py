@@ -12,11 +12,10 @@ and what completed: the numbers the engines would report on a fetch, without a p
 delay. A node's read queue is the hit tokens of the prefills reading on that node that have
 not completed yet (a poll of the node agents would miss what this very fetch assigned).
 
-A decode engine's free HBM is what it reports: its capacity less the KV of the requests it
-holds in HBM, from the end of their prefill (when it allocates HBM and copies the prompt in,
-paper §3.3) to the end of their decode; within one fetch, the requests that fetch assigns
-are counted too. Requests still prefilling hold no HBM: their KV waits in the DE buffer, and
-an engine short of HBM when their prefill ends makes them wait for it.
+A decode engine's free HBM is reserved when a request is placed on it and given back when its
+decode completes. (Counting it only from the end of the prefill, when the engine copies the
+prompt in, lets placements run ahead of HBM; the prompts then wait in the DE buffers, whose
+DRAM the DE read path needs too, and throughput fell in a 1P1D trial.)
 """
 
 from __future__ import annotations
@@ -41,7 +40,6 @@ class Pending:
     pe: EngineState | None = None
     de: EngineState | None = None
     path: str | None = None
-    in_hbm: bool = False           # its decode engine holds its KV in HBM
     results: dict = field(default_factory=dict)
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -83,8 +81,6 @@ class SchedulerAgent(Agent):
         """A policy and its thresholds (alpha, beta in tokens; decode HBM in tokens)."""
         self.policy = load_policy(m["policy"])
         self.alpha, self.beta = int(m["alpha"]), int(m["beta"])
-        self.hbm_tokens = int(m["hbm_tokens"])
-        self.in_hbm = {name: 0 for name in self.engines}     # tokens held in HBM
         for e in self.engines.values():
             e.seq = e.tok = 0
         self.read_q = dict.fromkeys(self.read_q, 0)
@@ -118,9 +114,6 @@ class SchedulerAgent(Agent):
         """A group leader pulls its group's new work."""
         group, role = m["group"], m["role"]
         if role == "decode":
-            for engines in self.groups["decode"].values():
-                for e in engines:
-                    e.free_hbm = self.hbm_tokens - self.in_hbm[e.name]
             assigned = self.policy.place_decode(self.global_de, self.groups["decode"],
                                                 self.private, group)
             for r, de in assigned:
@@ -139,7 +132,7 @@ class SchedulerAgent(Agent):
         return {"engine": p.de.name, "op": "decode", "args": {
             "request": r.id, "model": b["model"], "prompt": b["hit"] + b["miss"],
             "generate": r.generate, "generated_block_base": b["generated_block_base"],
-            "oracle": self.policy.oracle, "hbm_tokens": self.hbm_tokens}}
+            "oracle": self.policy.oracle}}
 
     def prefill_work(self, r: Request, pe: EngineState) -> dict:
         p = self.pending[r.id]
@@ -169,12 +162,9 @@ class SchedulerAgent(Agent):
         if op == "prefill":
             self.read_q[self.read_node(p)] -= r.context
             if not m.get("error"):
-                p.in_hbm = True
-                self.in_hbm[p.de.name] += r.hbm_need
                 self.ready[p.de.node].append(self.decode_work(p))
-        elif p.in_hbm:
-            p.in_hbm = False
-            self.in_hbm[p.de.name] -= r.hbm_need
+        else:
+            engine.free_hbm += r.hbm_need
         if m.get("error"):
             if not p.done.done():
                 p.done.set_exception(RuntimeError(f"{op} on {engine.name}: {m['error']}"))
