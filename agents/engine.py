@@ -331,12 +331,13 @@ class EngineAgent(Agent):
 
 
 class PrefillRun:
-    """One request's part in a prefill: its KV loads layer by layer from its read node, and
-    each layer's KV leaves for its decode node. Compute and the all-to-all belong to the
-    batch it runs in (`PrefillBatch`).
+    """One request's part in a prefill: its hit KV loads layer by layer from the nodes that
+    read it, and each layer's KV leaves for its decode node. Compute and the all-to-all
+    belong to the batch it runs in (`PrefillBatch`).
 
-    m: request, model, hit, miss (blocks), path ('pe'|'de'), read_node, decode_node, oracle,
-    layerwise (default true).
+    m: request, model, hit, miss (blocks), path ('pe'|'de'|'split'), reads (a list of
+    [node, blocks]: which node reads which hit blocks, in the order of hit), decode_node,
+    oracle, layerwise (default true).
     """
 
     def __init__(self, engine: EngineAgent, m: dict):
@@ -350,22 +351,24 @@ class PrefillRun:
         self.a2a_bytes = round(self.profile.all_to_all_bytes(append) / engine.scale)
         self.oracle, self.path = bool(m.get("oracle")), m["path"]
         self.layerwise = m.get("layerwise", True)
-        if self.path not in ("pe", "de"):
-            raise ValueError(f"path: got {self.path!r}, expected 'pe' or 'de'")
-        self.nodes = {m["read_node"], m["decode_node"]}
-        self.reads = engine.connection(m["read_node"], "pcie", NODE_PORT, protocol.DSCP_CS1,
-                                       "read")
-        # A LOAD may wait for DRAM, and a push is one stream of frames: each request gets
-        # connections of its own for them, so no request waits behind another's.
-        self.load_conn = Connection(engine.address(m["read_node"], "pcie"), NODE_PORT,
+        if self.path not in ("pe", "de", "split"):
+            raise ValueError(f"path: got {self.path!r}, expected 'pe', 'de' or 'split'")
+        decode_node = m["decode_node"]
+        self.sources = [ReadSource(engine, node, parse_blocks(blocks), decode_node)
+                        for node, blocks in m["reads"] if blocks]
+        if [b for source in self.sources for b in source.blocks] != self.hit:
+            raise ValueError("reads: expected the hit blocks, in order, split between nodes")
+        self.nodes = {source.node for source in self.sources} | {decode_node}
+        self.push_conn = Connection(engine.address(decode_node, "pcie"), NODE_PORT,
                                     protocol.DSCP_CS1)
-        self.push_conn = Connection(engine.address(m["decode_node"], "pcie"), NODE_PORT,
-                                    protocol.DSCP_CS1)
-        # The layer's KV leaves "HBM": on the PE path the hit KV it received and the miss
-        # KV it computed; on the DE path the miss KV only (the DE node has the hit KV).
-        self.sent = self.hit + self.miss if self.path == "pe" else self.miss
+        # The layer's KV leaves "HBM": the hit KV it received from nodes other than the
+        # decode node, and the miss KV it computed (the decode node has its own reads).
+        self.sent = [b for source in self.sources if not source.on_decode_node
+                     for b in source.blocks] + self.miss
         self.received: dict[int, bytes] = {}     # hit KV per layer, as it arrived in "HBM"
-        self.timings = dict.fromkeys(("load", "layer_wait", "compute", "all_to_all", "push"), 0.0)
+        self.parts: dict[int, dict[str, bytes]] = {}   # a layer's parts so far, per node
+        self.timings = dict.fromkeys(("queue", "load_wait", "load", "layer_wait", "compute",
+                                      "all_to_all", "push"), 0.0)
         self.moved = {"layer_bytes": 0, "pushed_bytes": 0, "load_window": None}
         self.started = time.monotonic()
         self.loading: asyncio.Task | None = None
@@ -390,7 +393,8 @@ class PrefillRun:
         self.engine.unfinished.pop(self.request, None)
         if self.loading is not None and not self.loading.done():
             self.loading.cancel()
-        self.load_conn.reset()
+        for source in self.sources:
+            source.load_conn.reset()
         self.push_conn.reset()
 
     def start_loading(self) -> None:
@@ -407,31 +411,52 @@ class PrefillRun:
         if self.oracle or not self.hit:
             return
         t, wall = time.monotonic(), time.time()
-        await self.engine.exchange(self.load_conn, [protocol.control(MessageType.LOAD, {
-            "geometry": self.geometry.to_json(), "blocks": self.hit}, self.request)],
-            1, MessageType.ACK)
+        await asyncio.gather(*(self.engine.exchange(source.load_conn, [protocol.control(
+            MessageType.LOAD, {"geometry": self.geometry.to_json(), "blocks": source.blocks},
+            self.request)], 1, MessageType.ACK) for source in self.sources))
         self.timings["load"] = time.monotonic() - t
         self.moved["load_window"] = [wall, time.time()]   # wall clock: comparable across hosts
 
-    async def load_layer(self, layer: int) -> None:
-        if self.oracle or not self.hit:
-            return
+    def layer_read(self, source: "ReadSource", layer: int) -> Frame:
+        # The decode node keeps its copy: it is part of the prompt the decode fetches.
         last = layer == self.geometry.layers - 1
         frame = protocol.control(MessageType.LAYER_READ,
-                                 {"release": self.path == "pe" and last}, self.request)
+                                 {"release": last and not source.on_decode_node}, self.request)
         frame.layer = layer
-        [data] = await self.engine.exchange(self.reads, [frame], 1, MessageType.LAYER_DATA)
-        self.engine.verifier.layer(self.geometry, self.hit, layer, data.payload)
-        self.engine.counters["layer_bytes_received"] += len(data.payload)
-        self.moved["layer_bytes"] += len(data.payload)
-        self.received[layer] = data.payload
+        return frame
+
+    def take_layer(self, source: "ReadSource", layer: int, payload: bytes) -> None:
+        """A layer of `source`'s blocks arrived in "HBM": verify it, keep what goes on."""
+        self.engine.verifier.layer(self.geometry, source.blocks, layer, payload)
+        self.engine.counters["layer_bytes_received"] += len(payload)
+        self.moved["layer_bytes"] += len(payload)
+        self.parts.setdefault(layer, {})[source.node] = b"" if source.on_decode_node else payload
+        if len(self.parts[layer]) == len(self.sources):
+            parts = self.parts.pop(layer)
+            self.received[layer] = b"".join(parts[s.node] for s in self.sources)
+
+    def layer_reads(self, layer: int) -> list["ReadSource"]:
+        """The sources whose part of `layer` has not arrived."""
+        if self.oracle or not self.hit:
+            return []
+        arrived = self.parts.get(layer, {})
+        return [s for s in self.sources if s.node not in arrived and layer not in self.received]
+
+    async def load_layer(self, layer: int) -> None:
+        """This request's missing parts of one layer, each in an exchange of its own."""
+        async def read(source: ReadSource) -> None:
+            [data] = await self.engine.exchange(source.reads, [self.layer_read(source, layer)],
+                                                1, MessageType.LAYER_DATA)
+            self.take_layer(source, layer, data.payload)
+
+        await asyncio.gather(*map(read, self.layer_reads(layer)))
 
     async def push_layer(self, layer: int) -> None:
         if self.oracle or not self.sent:
             return
         t = time.monotonic()
         data = layer_frame(self.geometry, self.miss, layer, self.request)
-        if self.path == "pe" and self.hit:
+        if len(self.sent) > len(self.miss):       # hit KV read away from the decode node
             data.payload = self.received.pop(layer, b"") + data.payload
             data.block, data.count = self.sent[0][0], len(self.sent)
         frames = [data]
@@ -443,6 +468,18 @@ class PrefillRun:
         self.engine.counters["kv_bytes_pushed"] += len(data.payload)
         self.moved["pushed_bytes"] += len(data.payload)
         self.timings["push"] += time.monotonic() - t
+
+
+class ReadSource:
+    """A node reading part of a request's hit KV for a prefill, and the connections to it."""
+
+    def __init__(self, engine: EngineAgent, node: str, blocks: list[Block], decode_node: str):
+        self.node, self.blocks = node, blocks
+        self.on_decode_node = node == decode_node
+        self.reads = engine.connection(node, "pcie", NODE_PORT, protocol.DSCP_CS1, "read")
+        # A LOAD may wait for DRAM: each request gets a connection of its own for it, so no
+        # request waits behind another's.
+        self.load_conn = Connection(engine.address(node, "pcie"), NODE_PORT, protocol.DSCP_CS1)
 
 
 class PrefillBatch:
@@ -458,7 +495,11 @@ class PrefillBatch:
     async def run(self) -> None:
         self.engine.counters["prefill_batches"] += 1
         self.engine.counters["prefill_requests"] += len(self.runs)
+        t = time.monotonic()
+        for member in self.runs:
+            member.timings["queue"] = t - member.started       # waiting for its batch
         await self.each(PrefillRun.loaded)
+        self.charge("load_wait", time.monotonic() - t)         # the batch waits for loads
         if self.runs and self.runs[0].layerwise:
             await self.layerwise()
         elif self.runs:
@@ -479,7 +520,7 @@ class PrefillBatch:
     async def layerwise(self) -> None:
         """Layer L+1's KV loads while layer L computes; layer L's KV leaves while layer L+1
         computes."""
-        loading = asyncio.create_task(self.each(PrefillRun.load_layer, 0))
+        loading = asyncio.create_task(self.load_layer(0))
         exchanging = pushing = None
         try:
             for layer in range(self.layers):
@@ -487,7 +528,7 @@ class PrefillBatch:
                 await loading
                 self.charge("layer_wait", time.monotonic() - t)
                 if layer + 1 < self.layers:
-                    loading = asyncio.create_task(self.each(PrefillRun.load_layer, layer + 1))
+                    loading = asyncio.create_task(self.load_layer(layer + 1))
                 await self.compute(layer)
                 if exchanging:
                     await exchanging
@@ -506,13 +547,35 @@ class PrefillBatch:
         """Without layerwise prefill: all KV into HBM, compute, then all KV out."""
         t = time.monotonic()
         for layer in range(self.layers):
-            await self.each(PrefillRun.load_layer, layer)
+            await self.load_layer(layer)
         self.charge("layer_wait", time.monotonic() - t)
         for layer in range(self.layers):
             await self.compute(layer)
             await self.exchange(layer)
         for layer in range(self.layers):
             await self.each(PrefillRun.push_layer, layer)
+
+    async def load_layer(self, layer: int) -> None:
+        """One layer's hit KV for the whole batch. The reads for one node go out together on
+        one connection and their replies come back in order: one round trip per node, not
+        per request. If a node's exchange fails, each request still missing its part reads
+        it alone, so only a request at fault leaves the batch."""
+        by_node: dict[str, list[tuple[PrefillRun, ReadSource]]] = {}
+        for member in self.runs:
+            for source in member.layer_reads(layer):
+                by_node.setdefault(source.node, []).append((member, source))
+
+        async def node_reads(pairs: list[tuple[PrefillRun, ReadSource]]) -> None:
+            frames = [member.layer_read(source, layer) for member, source in pairs]
+            replies = await self.engine.exchange(pairs[0][1].reads, frames, len(frames),
+                                                 MessageType.LAYER_DATA)
+            for (member, source), data in zip(pairs, replies):
+                member.take_layer(source, layer, data.payload)
+
+        results = await asyncio.gather(*map(node_reads, by_node.values()),
+                                       return_exceptions=True)
+        if any(isinstance(r, BaseException) for r in results):
+            await self.each(PrefillRun.load_layer, layer)
 
     async def compute(self, layer: int) -> None:
         if not self.runs:

@@ -69,6 +69,11 @@ class Policy:
         return assigned
 
     # -- read path ------------------------------------------------------------------------
+    def pe_share(self, pe: EngineState, de: EngineState, read_q: dict[str, int],
+                 tokens: int) -> float:
+        """For a 'split' read path: the share of the hit tokens read on the PE side."""
+        return 1.0
+
     def read_path(self, pe: EngineState, de: EngineState, read_q: dict[str, int]) -> str:
         if not self.dual_path:
             return "pe"
@@ -97,12 +102,29 @@ class DualPathRoundRobin(Policy):
     name, scheduled = "dualpath-rr", False
 
 
+class Split(Policy):
+    """Beyond the paper (its future work): one request's read split across both sides, so
+    that the two read queues end level: DualPath's scheduler otherwise."""
+    name = "split"
+
+    def read_path(self, pe: EngineState, de: EngineState, read_q: dict[str, int]) -> str:
+        return "split"
+
+    def pe_share(self, pe: EngineState, de: EngineState, read_q: dict[str, int],
+                 tokens: int) -> float:
+        if tokens <= 0:
+            return 1.0
+        # x tokens on the PE side: read_q[pe] + x = read_q[de] + tokens - x
+        x = (read_q[de.node] - read_q[pe.node] + tokens) / 2
+        return min(1.0, max(0.0, x / tokens))
+
+
 class Oracle(Policy):
     """DualPath's placement with every KV transfer skipped: the compute bound."""
     name, oracle = "oracle", True
 
 
-POLICIES = {p.name: p for p in (Basic, Layerwise, DualPath, DualPathRoundRobin, Oracle)}
+POLICIES = {p.name: p for p in (Basic, Layerwise, DualPath, DualPathRoundRobin, Split, Oracle)}
 
 
 def load_policy(name: str) -> Policy:

@@ -40,6 +40,7 @@ class Pending:
     pe: EngineState | None = None
     de: EngineState | None = None
     path: str | None = None
+    reads: dict[str, int] = field(default_factory=dict)   # node -> hit tokens it reads
     results: dict = field(default_factory=dict)
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
@@ -55,7 +56,7 @@ class SchedulerAgent(Agent):
             self.groups[g.role].setdefault(g.node, []).append(self.engines[g.name])
         self.read_q = {n.name: 0 for n in self.plan.of_kind("node")}   # tokens
         self.pending: dict[int, Pending] = {}
-        self.decisions = {"prefill": 0, "decode": 0, "pe": 0, "de": 0}
+        self.decisions = {"prefill": 0, "decode": 0, "pe": 0, "de": 0, "split": 0}
         self.configure_from({"policy": self.args.policy, "alpha": 0, "beta": 1 << 60,
                              "hbm_tokens": 1 << 60})
 
@@ -139,17 +140,19 @@ class SchedulerAgent(Agent):
         p.pe = pe
         p.path = self.policy.read_path(pe, p.de, self.read_q)
         self.decisions[p.path] += 1
-        self.read_q[self.read_node(p)] += r.context
         b = p.body
+        hit = parse_blocks(b["hit"])
+        first_de = {"pe": len(hit), "de": 0}.get(p.path)
+        if first_de is None:     # split: the PE side reads the first blocks, its share of tokens
+            first_de = pe_blocks(hit, self.policy.pe_share(pe, p.de, self.read_q, r.context))
+        reads = [[pe.node, hit[:first_de]], [p.de.node, hit[first_de:]]]
+        for node, blocks in reads:
+            p.reads[node] = sum(t for _, t in blocks)
+            self.read_q[node] += p.reads[node]
         return {"engine": pe.name, "op": "prefill", "args": {
             "request": r.id, "model": b["model"], "hit": b["hit"], "miss": b["miss"],
-            "path": p.path, "read_node": self.read_node(p),
-            "decode_node": p.de.node, "oracle": self.policy.oracle,
-            "layerwise": self.policy.layerwise}}
-
-    @staticmethod
-    def read_node(p: Pending) -> str:
-        return p.pe.node if p.path == "pe" else p.de.node
+            "path": p.path, "reads": reads, "decode_node": p.de.node,
+            "oracle": self.policy.oracle, "layerwise": self.policy.layerwise}}
 
     async def complete(self, m: dict) -> dict:
         p = self.pending.get(int(m["request"]))
@@ -160,7 +163,8 @@ class SchedulerAgent(Agent):
         engine.seq -= 1
         engine.tok -= r.tokens
         if op == "prefill":
-            self.read_q[self.read_node(p)] -= r.context
+            for node, tokens in p.reads.items():
+                self.read_q[node] -= tokens
             if not m.get("error"):
                 self.ready[p.de.node].append(self.decode_work(p))
         else:
@@ -173,6 +177,16 @@ class SchedulerAgent(Agent):
             if {"prefill", "decode"} <= p.results.keys() and not p.done.done():
                 p.done.set_result(None)
         return {"known": True}
+
+
+def pe_blocks(hit: list, share: float) -> int:
+    """How many of the first hit blocks hold about `share` of its tokens."""
+    want, taken = share * sum(t for _, t in hit), 0
+    for count, (_, tokens) in enumerate(hit):
+        if taken + tokens / 2 > want:
+            return count
+        taken += tokens
+    return len(hit)
 
 
 def _args(parser: argparse.ArgumentParser) -> None:

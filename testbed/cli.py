@@ -280,7 +280,8 @@ def build_parser() -> argparse.ArgumentParser:
     req.add_argument("--context", type=int, default=32768, help="hit tokens (KV in storage)")
     req.add_argument("--append", type=int, default=429, help="miss tokens (prefilled)")
     req.add_argument("--generate", type=int, default=176, help="tokens to decode")
-    req.add_argument("--path", choices=["pe", "de"], default="pe", help="KV read path")
+    req.add_argument("--path", choices=["pe", "de", "split"], default="pe",
+                     help="KV read path (split: half the hit blocks on each side)")
     req.add_argument("--prefill-gpu", default="n0g0")
     req.add_argument("--decode-gpu", help="default: the first GPU of the first decode node")
     req.add_argument("--oracle", action="store_true", help="skip all KV I/O")

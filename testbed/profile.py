@@ -84,6 +84,8 @@ class DecodeModel(Spec):
         description="base time of one decode step of one engine's batch")
     seconds_per_context_token: Sourced[NonNegativeNumber] = Field(
         description="growth of the step per token of the batch's total context")
+    hbm_kv_bytes: Sourced[PositiveNumber] = Field(
+        description="HBM of one decode GPU left for KV: its requests' prompts and generations")
 
 
 class ModelProfile(Spec):

@@ -41,9 +41,9 @@ def request_table(report: dict) -> str:
     """Per-hop bytes (real-cluster units, from interface counters) and timings."""
     spec, scale, c = report["spec"], report["scale"], report["counters"]
     pe_gpu, de_gpu = spec["prefill_gpu"], spec["decode_gpu"]
-    read_node = report["pe_node"] if spec["path"] == "pe" else report["de_node"]
     hops = [
-        ("storage -> read node snic", c.get(f"{read_node}/snic/rx", 0)),
+        ("storage -> PE node snic", c.get(f"{report['pe_node']}/snic/rx", 0)),
+        ("storage -> DE node snic", c.get(f"{report['de_node']}/snic/rx", 0)),
         ("read node pcie -> PE GPU cnic (KV, low)", c.get(f"{pe_gpu}/cnic/rx/low", 0)),
         ("PE GPU cnic -> DE node pcie", c.get(f"{report['de_node']}/pcie/rx", 0)),
         ("PE GPU all-to-all (EF, high)", c.get(f"{pe_gpu}/cnic/tx/high", 0)),

@@ -32,7 +32,7 @@ class RequestSpec:
     context: int          # hit tokens: their KV is in storage
     append: int           # miss tokens: prefill computes their KV
     generate: int
-    path: str             # "pe" or "de"
+    path: str             # "pe", "de", or "split" (half the hit blocks read on each side)
     prefill_gpu: str
     decode_gpu: str
     oracle: bool = False
@@ -59,8 +59,8 @@ def check_spec(spec: RequestSpec, plan: ClusterPlan) -> None:
         if host.kind != "gpu" or host.role != role:
             raise TestbedError(f"{field}: got {name!r} ({host.role} {host.kind}), "
                                f"expected a {role} GPU")
-    if spec.path not in ("pe", "de"):
-        raise TestbedError(f"path: got {spec.path!r}, expected 'pe' or 'de'")
+    if spec.path not in ("pe", "de", "split"):
+        raise TestbedError(f"path: got {spec.path!r}, expected 'pe', 'de' or 'split'")
     for field in ("context", "append", "generate"):
         if getattr(spec, field) < 0:
             raise TestbedError(f"{field}: got {getattr(spec, field)}, expected >= 0")
@@ -116,12 +116,19 @@ def seed_blocks(plan: ClusterPlan, geometry: Geometry, blocks: list[Block]) -> N
                  blocks=held[first:first + SEED_CHUNK])
 
 
+def reads(req: PreparedRequest) -> list[list]:
+    """Which node reads which hit blocks: all on one side, or the first half on the PE side
+    and the rest on the DE side."""
+    first_de = {"pe": len(req.hit), "de": 0}.get(req.spec.path, len(req.hit) // 2)
+    return [[req.pe_node, req.hit[:first_de]], [req.de_node, req.hit[first_de:]]]
+
+
 def prefill(plan: ClusterPlan, req: PreparedRequest) -> dict:
     """Run the request's prefill on its prefill GPU."""
     spec = req.spec
     return call(plan.host(spec.prefill_gpu).address("mgmt"), "prefill", request=req.request,
                 model=spec.model, hit=req.hit, miss=req.miss, path=spec.path,
-                read_node=req.pe_node if spec.path == "pe" else req.de_node,
+                reads=reads(req),
                 decode_node=req.de_node, oracle=spec.oracle)
 
 
@@ -151,7 +158,8 @@ def execute(record: FabricRecord, plan: ClusterPlan, req: PreparedRequest) -> di
     moved = counters.delta(before, counters.snapshot(record))
 
     read_back = {}
-    for block_id, tokens in map(tuple, decoded["persisted"]):
+    # Oracle names its generated blocks (a later turn counts them as stored) but writes none.
+    for block_id, tokens in map(tuple, [] if req.spec.oracle else decoded["persisted"]):
         expected = hashlib.sha256(geometry.full_block((block_id, tokens))).hexdigest()
         for host in storage_hosts(plan, block_id):
             got = call(mgmt[host], "digest", block=block_id)["sha256"]

@@ -38,7 +38,6 @@ from testbed.trace import load_trace
 from testbed.workload import Turn, generate_trajectories, poisson_arrivals
 
 TRACE_BLOCKS = 1 << 62   # trace block ids start here, above any request's own (< 2**62)
-HBM_KV_BYTES = 40e9      # estimate: an 80 GB GPU less weights and activations, for decode KV
 SAMPLE_SECONDS = 1.0     # SNIC utilization samples
 PROGRESS_SECONDS = 5.0   # progress lines
 
@@ -64,7 +63,7 @@ def thresholds(plan: ClusterPlan, profile: ModelProfile, context: int, append: i
     per_token = profile.prefill_seconds(context, append) / max(1, context + append)
     return {"alpha": alpha_tokens(topo.links.snic / 8, profile.kv_bytes_per_token),
             "beta": beta_tokens(per_token),
-            "hbm_tokens": int(HBM_KV_BYTES / profile.kv_bytes_per_token)}
+            "hbm_tokens": int(profile.decode.hbm_kv_bytes.value / profile.kv_bytes_per_token)}
 
 
 def trace_blocks(agent: Agent, turn: Turn, cache: set[int], base: int,
@@ -105,6 +104,7 @@ async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict
             "de": result["de"], "submitted": result["submitted"] - started,
             "ttft": (decode["first_token_wall"] or time.time()) - result["submitted"],
             "tpot": decode["tpot"], "prefill_seconds": prefill["seconds"],
+            **{f"prefill_{phase}": seconds for phase, seconds in prefill["timings"].items()},
             "prompt_bytes_verified": decode["prompt_bytes"],
             "corrupt_bytes": decode["verifier"]["corrupt_bytes"]})
     agent.finished = time.time() - started

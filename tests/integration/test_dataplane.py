@@ -69,6 +69,22 @@ def test_bytes_verify_and_counters_prove_the_path(cluster, path):
     assert near(c.get("n1g0/cnic/rx/low", 0), hit + miss), c
 
 
+def test_a_split_read_uses_both_snics_and_verifies(cluster):
+    """Beyond the paper: half the hit blocks read on each side. The prefill GPU gets both
+    halves; only the PE side's half (and the miss KV) goes on to the decode node."""
+    r = request(cluster, "split")
+    hit, miss, c = r["hit_kv_bytes"], r["miss_kv_bytes"], r["counters"]
+    assert r["decode"]["prompt_bytes"] == hit + miss
+    assert r["decode"]["verifier"]["corrupt_bytes"] == 0
+    assert r["prefill"]["verifier"]["corrupt_bytes"] == 0
+    assert r["prefill"]["layer_bytes"] == hit
+    pe_half = r["prefill"]["pushed_bytes"] - miss
+    assert 0.45 * hit <= pe_half <= 0.55 * hit
+    assert near(c.get("n0/snic/rx", 0), pe_half), c
+    assert near(c.get("n1/snic/rx", 0), hit - pe_half), c
+    assert near(c.get("n1g0/cnic/rx/low", 0), hit + miss), c
+
+
 def damage(fabric, host: str, block_id: int) -> None:
     """Overwrite four bytes in the middle of a stored block, as a failing disk would."""
     fabric.node(host).cmd(f"printf XXXX | dd of={DATA_ROOT}/{host}/{block_id}.kv "
@@ -79,7 +95,8 @@ def test_oracle_moves_no_kv(cluster):
     r = request(cluster, "pe", oracle=True)
     c = r["counters"]
     assert r["prefill"]["layer_bytes"] == r["prefill"]["pushed_bytes"] == 0
-    assert r["decode"]["prompt_bytes"] == 0 and r["decode"]["persisted"] == []
+    assert r["decode"]["prompt_bytes"] == 0 and r["read_back"] == {}
+    assert len(r["decode"]["persisted"]) == 176 // 64     # named as stored, never written
     for node in ("n0", "n1"):   # at most an ARP exchange
         assert c.get(f"{node}/snic/rx", 0) < 0.001 * r["hit_kv_bytes"], c
     assert c.get("n0g0/cnic/rx/low", 0) < 0.01 * r["hit_kv_bytes"]

@@ -18,6 +18,7 @@ def test_builtin_policies_and_their_switches():
                         "layerwise": (True, False, False, False),
                         "dualpath": (True, True, True, False),
                         "dualpath-rr": (True, True, False, False),
+                        "split": (True, True, True, False),
                         "oracle": (True, True, True, True)}
 
 
@@ -68,3 +69,14 @@ def test_a_users_policy_loads_by_module_and_class():
 def test_bad_policy_names_say_what_was_expected(name, message):
     with pytest.raises(ValueError, match=message):
         load_policy(name)
+
+
+def test_split_levels_the_two_read_queues():
+    policy = load_policy("split")
+    pe, de = EngineState("n0g0", "n0"), EngineState("n1g0", "n1")
+    assert policy.read_path(pe, de, {"n0": 0, "n1": 0}) == "split"
+    assert policy.pe_share(pe, de, {"n0": 0, "n1": 0}, 1000) == 0.5
+    # the PE side is 400 tokens behind: it takes 300 of 1000, both end at 700
+    assert policy.pe_share(pe, de, {"n0": 400, "n1": 0}, 1000) == pytest.approx(0.3)
+    # far behind: everything on the DE side
+    assert policy.pe_share(pe, de, {"n0": 5000, "n1": 0}, 1000) == 0.0

@@ -64,19 +64,22 @@ def test_every_figure_has_a_source(profile: ModelProfile) -> None:
     assert set(figures) == {
         "layers", "kv_bytes_per_token_layer", "all_to_all_bytes_per_token_layer",
         "prefill.active_params", "prefill.attention_flops_per_context_token",
-        "prefill.gpu_flops", "decode.step_seconds", "decode.seconds_per_context_token"}
+        "prefill.gpu_flops", "decode.step_seconds", "decode.seconds_per_context_token",
+        "decode.hbm_kv_bytes"}
     for path, figure in figures.items():
         assert len(figure.source.strip()) >= 10, f"{profile.name}: {path}: {figure.source!r}"
 
 
 @pytest.mark.parametrize("name, fields", [
     ("ds-660b", ["all_to_all_bytes_per_token_layer", "prefill.attention_flops_per_context_token",
-                 "prefill.gpu_flops", "decode.step_seconds", "decode.seconds_per_context_token"]),
+                 "prefill.gpu_flops", "decode.step_seconds", "decode.seconds_per_context_token",
+                 "decode.hbm_kv_bytes"]),
     ("ds-27b", ["kv_bytes_per_token_layer", "all_to_all_bytes_per_token_layer",
                 "prefill.active_params", "prefill.attention_flops_per_context_token",
-                "prefill.gpu_flops", "decode.step_seconds", "decode.seconds_per_context_token"]),
+                "prefill.gpu_flops", "decode.step_seconds", "decode.seconds_per_context_token",
+                "decode.hbm_kv_bytes"]),
     ("qwen-32b", ["prefill.gpu_flops", "decode.step_seconds",
-                  "decode.seconds_per_context_token"]),
+                  "decode.seconds_per_context_token", "decode.hbm_kv_bytes"]),
 ])
 def test_estimates_say_so(name: str, fields: list[str]) -> None:
     """Figures neither the paper nor a public config gives are marked 'estimate'."""

@@ -152,3 +152,11 @@ def test_alpha_and_beta_from_rates():
     assert alpha_tokens(50e9, 40_016) == int(3 * 50e9 / 40_016)
     assert 3.7e6 < alpha_tokens(50e9, 40_016) < 3.8e6
     assert beta_tokens(1e-4) == 50_000
+
+
+def test_a_split_read_cuts_the_hit_blocks_at_the_share():
+    from agents.scheduler import pe_blocks
+    hit = [(1, 512), (2, 512), (3, 512), (4, 100)]
+    assert pe_blocks(hit, 0.0) == 0 and pe_blocks(hit, 1.0) == 4
+    assert pe_blocks(hit, 0.5) == 2        # 1,024 of 1,636 tokens: nearest to half
+    assert pe_blocks(hit, 0.2) == 1
