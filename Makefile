@@ -3,8 +3,10 @@ VENV := .venv
 TESTBED := $(VENV)/bin/testbed
 PYTEST := $(VENV)/bin/pytest
 TOPOLOGY ?= topologies/1p1d.yaml
+PAPER_SCENARIOS := pd-ratio ablation online isolation trace
 
-.PHONY: help setup test test-unit fabric-up fabric-down clean scenario bench-fabric bench-dataplane
+.PHONY: help setup test test-unit fabric-up fabric-down clean scenario bench-fabric bench-dataplane \
+	bench-scenarios
 
 help:
 	@echo "make setup          install packages, the Docker daemon, the virtualenv, the agent image"
@@ -15,6 +17,7 @@ help:
 	@echo "make clean          remove every leftover of earlier runs"
 	@echo "make bench-fabric   link rates against iperf3, isolation shares, startup/teardown times"
 	@echo "make bench-dataplane agent throughput against iperf3, CPU per GB, where the CPU limits"
+	@echo "make bench-scenarios the paper's experiments: $(PAPER_SCENARIOS) (about an hour)"
 
 setup:
 	@bash scripts/setup.sh
@@ -43,3 +46,6 @@ scenario:
 
 bench-dataplane:
 	$(VENV)/bin/python -m testbed.bench.dataplane
+
+bench-scenarios:
+	@for name in $(PAPER_SCENARIOS); do $(TESTBED) scenario run $$name || exit 1; done
