@@ -227,7 +227,8 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
     snic = {n.name: moved.get((n.name, "snic", "rx"), 0) * topology.scale
             for n in fabric.plan.of_kind("node")}
     result.update(topology=topology.name, aps=aps, prefill_nodes=topology.prefill_nodes,
-                  decode_nodes=topology.decode_nodes, snic_read_bytes=snic,
+                  decode_nodes=topology.decode_nodes, scale=topology.scale,
+                  snic_read_bytes=snic,
                   host_cpu=cpu.mean, cpu_warning=cpu.warning())
     return result
 
@@ -251,8 +252,9 @@ def summarize(result: dict) -> dict:
             "de_reads": sum(r["path"] == "de" for r in records) / len(records),
             "snic_max_over_avg": max(snic) / (sum(snic) / len(snic)) if sum(snic) else 0.0,
             "snic_balance": snic_balance(result["snic_timeline"]),
-            "verified_bytes": sum(r["prompt_bytes_verified"] for r in records),
-            "corrupt_bytes": sum(r["corrupt_bytes"] for r in records),
+            # real-cluster bytes, as every figure of the report
+            "verified_bytes": sum(r["prompt_bytes_verified"] for r in records) * result["scale"],
+            "corrupt_bytes": sum(r["corrupt_bytes"] for r in records) * result["scale"],
             "host_cpu": result["host_cpu"]}
 
 
@@ -301,7 +303,7 @@ def report_text(scenario: Scenario, summaries: list[dict], compared: list[dict],
                      f"{s['jct']:.1f} s", str(s["turns"]),
                      f"{s['ttft']:.3f} s", f"{s['tpot'] * 1e3:.1f} ms", f"{s['de_reads']:.0%}",
                      f"{s['snic_max_over_avg']:.2f}", f"{s['snic_balance']:.2f}",
-                     f"{s['verified_bytes']} B", str(s["corrupt_bytes"]),
+                     f"{s['verified_bytes'] / 1e9:.1f} GB", str(s["corrupt_bytes"]),
                      f"{s['host_cpu']:.0%}"] for s in summaries])]
     source = f" (paper: {scenario.paper.source})" if scenario.paper else ""
     if compared:
