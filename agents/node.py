@@ -114,6 +114,9 @@ class NodeAgent(Agent):
         self.storage_hosts = [h.name for h in self.plan.of_kind("storage")]
         self.replicas = topology.storage.replicas
         self.links = {h: StorageLink(self.address(h, "stor")) for h in self.storage_hosts}
+        # Writes have links of their own: the SNIC is full duplex, and a write (the last
+        # layer of a push waits for it) must not queue behind the reads of the same host.
+        self.write_links = {h: StorageLink(self.address(h, "stor")) for h in self.storage_hosts}
         self.prompts: dict[int, Prompt] = {}
         self.dropped: set[int] = set()         # requests that failed: never wait for them
         self.read_queue_tokens = 0
@@ -195,7 +198,7 @@ class NodeAgent(Agent):
         frame.type = MessageType.WRITE
         for host in placement(block[0], self.storage_hosts, self.replicas):
             try:
-                await self.links[host].exchange([frame], lambda _ack: None, 1)
+                await self.write_links[host].exchange([frame], lambda _ack: None, 1)
             except (ProtocolError, OSError, asyncio.IncompleteReadError) as exc:
                 raise PeerError(f"writing block {block[0]} to {host}: {exc}") from None
             self.counters["storage_write_bytes"] += len(payload)
