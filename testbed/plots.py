@@ -10,13 +10,14 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402  (the backend must be chosen first)
 
 
-def write_plots(out: Path, results: list[dict], slo_ttft: float) -> list[Path]:
+def write_plots(out: Path, results: list[dict], summaries: list[dict],
+                slo_ttft: float) -> list[Path]:
     """jct.png (JCT per policy) offline, or capacity.png (mean TTFT against the arrival rate,
     with the SLO) online; snic.png (SNIC read utilization over time, per node and run) and
     ttft_cdf.png (TTFT distribution per run)."""
     written = []
 
-    online = [r for r in results if r["aps"] is not None]
+    online = [s for s in summaries if s["aps"] is not None]
     if online:
         written.append(_capacity(out, online, slo_ttft))
     else:
@@ -53,12 +54,12 @@ def write_plots(out: Path, results: list[dict], slo_ttft: float) -> list[Path]:
 
 
 def _capacity(out: Path, online: list[dict], slo_ttft: float) -> Path:
+    """Mean TTFT (as the SLO judges it) against the arrival rate, per topology and policy."""
     fig, ax = plt.subplots(figsize=(6, 3.5))
-    for key in dict.fromkeys((r["topology"], r["policy"]) for r in online):
-        runs = [r for r in online if (r["topology"], r["policy"]) == key]
-        ax.plot([r["aps"] for r in runs],
-                [sum(t["ttft"] for t in r["records"]) / len(r["records"]) for r in runs],
-                marker="o", label=" / ".join(key))
+    for key in dict.fromkeys((s["topology"], s["policy"]) for s in online):
+        runs = [s for s in online if (s["topology"], s["policy"]) == key]
+        ax.plot([s["aps"] for s in runs], [s["ttft"] for s in runs], marker="o",
+                label=" / ".join(key))
     ax.axhline(slo_ttft, color="grey", linestyle="--", label="SLO")
     ax.set_xlabel("agents arriving per second (APS)")
     ax.set_ylabel("mean TTFT (s)")
