@@ -3,7 +3,7 @@ VENV := .venv
 TESTBED := $(VENV)/bin/testbed
 PYTEST := $(VENV)/bin/pytest
 TOPOLOGY ?= topologies/1p1d.yaml
-PAPER_SCENARIOS := pd-ratio ablation online isolation trace
+PAPER_SCENARIOS := pd-ratio ablation online balance isolation trace
 
 .PHONY: help setup test test-unit fabric-up fabric-down clean scenario bench-fabric bench-dataplane \
 	bench-scenarios
