@@ -23,8 +23,8 @@ from collections import deque
 from agents import protocol
 from agents.control import acall
 from agents.kv import Block, Geometry, Verifier, full_block_frame, layer_frame, parse_blocks
-from agents.node import NODE_PORT
-from agents.protocol import Frame, MessageType, ProtocolError, kv_bytes
+from agents.node import DRAM_BYTES, NODE_PORT
+from agents.protocol import Frame, MessageType, PeerError, ProtocolError, kv_bytes
 from agents.runtime import Agent, run
 from testbed.profile import load_profile
 
@@ -35,6 +35,9 @@ PREFILL_QUOTA_SECONDS = 0.3  # attention time of one forward batch (paper §5.5)
 # Queued requests whose hit KV loads into DRAM ahead of their batch: the next two batches'
 # worth, so the SNIC reads while the GPU computes, without filling DRAM with the whole queue.
 PREFETCH_SECONDS = 2 * PREFILL_QUOTA_SECONDS
+# ...and at most this share of a node's DRAM buffer per prefill GPU, so the loads queued ahead
+# never leave a node without room for the pushes of the batch running now.
+PREFETCH_DRAM_SHARE = 0.5
 PERSIST_TOKENS = 64          # decode persists a block every 64 generated tokens (paper §3.3)
 
 
@@ -66,6 +69,7 @@ class EngineAgent(Agent):
         self.connections: dict[tuple[str, int, str], Connection] = {}
         self.peers = [h for h in self.plan.of_kind("gpu")
                       if h.role == self.role and h.name != self.host.name]
+        self.prefill_gpus = [h for h in self.plan.of_kind("gpu") if h.role == "prefill"]
         self.unfinished: dict[int, int] = {}      # request -> tokens
         self.scale = self.plan.topology.scale
         self.gpu = asyncio.Lock()                 # one GPU: compute runs one kernel at a time
@@ -107,9 +111,28 @@ class EngineAgent(Agent):
                 for frame in frames:
                     await protocol.write_frame(writer, frame)
                 return [await protocol.expect(reader, *types) for _ in range(replies)]
-            except (ProtocolError, ConnectionError, asyncio.IncompleteReadError,
-                    asyncio.CancelledError):
+            except BaseException:
                 conn.reset()   # replies may be left unread: the stream is out of step
+                raise
+
+    async def exchange_each(self, conn: Connection, frames: list[Frame], *types,
+                            ) -> list[Frame | PeerError]:
+        """One reply per frame, pipelined; a peer's ERROR reply is returned in its place, so
+        the others still arrive and the stream stays in step."""
+        async with conn.lock:
+            reader, writer = await conn.get()
+            try:
+                for frame in frames:
+                    await protocol.write_frame(writer, frame)
+                replies = []
+                for _ in frames:
+                    try:
+                        replies.append(await protocol.expect(reader, *types))
+                    except PeerError as exc:
+                        replies.append(exc)
+                return replies
+            except BaseException:
+                conn.reset()
                 raise
 
     # -- the group leader: pulls work for its node's engines (§5.1) ------------------------
@@ -208,11 +231,15 @@ class EngineAgent(Agent):
                     await member.fail(exc)
 
     def prefetch(self) -> None:
-        """Start the loads of the queue's head, up to PREFETCH_SECONDS of attention time."""
-        ahead = 0.0
+        """Start the loads of the queue's head, up to PREFETCH_SECONDS of attention time and
+        this GPU's share of each read node's DRAM."""
+        budget = PREFETCH_DRAM_SHARE * DRAM_BYTES / self.scale / len(self.prefill_gpus)
+        ahead, held = 0.0, {}
         for queued in self.prefill_queue:
             ahead += queued.attention_seconds
-            if ahead > PREFETCH_SECONDS:
+            for node, size in queued.load_bytes().items():
+                held[node] = held.get(node, 0) + size
+            if ahead > PREFETCH_SECONDS or any(size > budget for size in held.values()):
                 break
             queued.start_loading()
 
@@ -397,6 +424,12 @@ class PrefillRun:
             source.load_conn.reset()
         self.push_conn.reset()
 
+    def load_bytes(self) -> dict[str, int]:
+        """The bytes its load puts in each read node's DRAM."""
+        if self.oracle:
+            return {}
+        return {s.node: self.geometry.blocks_bytes(s.blocks) for s in self.sources}
+
     def start_loading(self) -> None:
         if self.loading is None:
             self.loading = asyncio.create_task(self.load())
@@ -411,9 +444,15 @@ class PrefillRun:
         if self.oracle or not self.hit:
             return
         t, wall = time.monotonic(), time.time()
-        await asyncio.gather(*(self.engine.exchange(source.load_conn, [protocol.control(
-            MessageType.LOAD, {"geometry": self.geometry.to_json(), "blocks": source.blocks},
-            self.request)], 1, MessageType.ACK) for source in self.sources))
+        # Every node's load ends before a failure is raised, so that dropping the request
+        # afterwards frees what each node loaded.
+        results = await asyncio.gather(*(self.engine.exchange(source.load_conn, [
+            protocol.control(MessageType.LOAD, {"geometry": self.geometry.to_json(),
+                                                "blocks": source.blocks}, self.request)],
+            1, MessageType.ACK) for source in self.sources), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
         self.timings["load"] = time.monotonic() - t
         self.moved["load_window"] = [wall, time.time()]   # wall clock: comparable across hosts
 
@@ -514,8 +553,13 @@ class PrefillBatch:
                                        return_exceptions=True)
         for member, result in zip(runs, results):
             if isinstance(result, BaseException):
-                self.runs.remove(member)
-                await member.fail(result)
+                await self.leave(member, result)
+
+    async def leave(self, member: PrefillRun, error: BaseException) -> None:
+        """A failed request leaves the batch (once, whichever step saw it fail first)."""
+        if member in self.runs:
+            self.runs.remove(member)
+            await member.fail(error)
 
     async def layerwise(self) -> None:
         """Layer L+1's KV loads while layer L computes; layer L's KV leaves while layer L+1
@@ -565,16 +609,26 @@ class PrefillBatch:
             for source in member.layer_reads(layer):
                 by_node.setdefault(source.node, []).append((member, source))
 
+        failed: dict[PrefillRun, BaseException] = {}
+
         async def node_reads(pairs: list[tuple[PrefillRun, ReadSource]]) -> None:
             frames = [member.layer_read(source, layer) for member, source in pairs]
-            replies = await self.engine.exchange(pairs[0][1].reads, frames, len(frames),
-                                                 MessageType.LAYER_DATA)
-            for (member, source), data in zip(pairs, replies):
-                member.take_layer(source, layer, data.payload)
+            replies = await self.engine.exchange_each(pairs[0][1].reads, frames,
+                                                      MessageType.LAYER_DATA)
+            for (member, source), reply in zip(pairs, replies):
+                try:
+                    if isinstance(reply, BaseException):
+                        raise reply
+                    member.take_layer(source, layer, reply.payload)
+                except (PeerError, ProtocolError) as exc:
+                    failed.setdefault(member, exc)
 
         results = await asyncio.gather(*map(node_reads, by_node.values()),
                                        return_exceptions=True)
+        for member, error in failed.items():
+            await self.leave(member, error)
         if any(isinstance(r, BaseException) for r in results):
+            # A broken connection: each request still missing its part reads it alone.
             await self.each(PrefillRun.load_layer, layer)
 
     async def compute(self, layer: int) -> None:

@@ -22,6 +22,7 @@ from agents.runtime import Agent, run
 from agents.storage import STORAGE_PORT
 
 NODE_PORT = 7002
+DRAM_BYTES = 80e9          # real-cluster DRAM buffer per node (paper: 80 GB for DS models)
 PROMPT_TIMEOUT = 600.0
 RESERVE_TIMEOUT = 600.0
 
@@ -339,7 +340,7 @@ class NodeAgent(Agent):
 
 
 def _args(parser) -> None:
-    parser.add_argument("--dram-bytes", type=float, default=80e9,
+    parser.add_argument("--dram-bytes", type=float, default=DRAM_BYTES,
                         help="real-cluster DRAM buffer per node (paper: 80 GB for DS models)")
 
 

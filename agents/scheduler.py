@@ -167,6 +167,10 @@ class SchedulerAgent(Agent):
                 self.read_q[node] -= tokens
             if not m.get("error"):
                 self.ready[p.de.node].append(self.decode_work(p))
+            else:   # its decode will never run: give back what its placement reserved
+                p.de.seq -= 1
+                p.de.tok -= r.tokens
+                p.de.free_hbm += r.hbm_need
         else:
             engine.free_hbm += r.hbm_need
         if m.get("error"):

@@ -243,9 +243,10 @@ def snic_balance(timeline: dict[str, list[tuple[float, float]]], busy: float = 0
 
 
 def steady(result: dict, duration: float) -> list[dict]:
-    """An online run's turns submitted in the second half of its arrival window: the first
-    half warms the cluster up, and the drain after the window is lighter than the load."""
-    window = [r for r in result["records"] if duration / 2 <= r["submitted"] <= duration]
+    """An online run's turns submitted in the last quarter of its arrival window. The agents
+    present build up for about a trajectory's length, and an overload shows as a TTFT that
+    grows until the arrivals stop; the drain after the window is lighter than the load."""
+    window = [r for r in result["records"] if 0.75 * duration <= r["submitted"] <= duration]
     return window or result["records"]
 
 
