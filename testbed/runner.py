@@ -302,6 +302,10 @@ def reductions(scenario: Scenario, summaries: list[dict]) -> list[dict]:
             for s in summaries if s["topology"] in basic and s["policy"] != "basic"]
 
 
+def _at_least(flag: bool) -> str:
+    return ">= " if flag else ""
+
+
 def _optional(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
@@ -337,10 +341,15 @@ def report_text(scenario: Scenario, summaries: list[dict], compared: list[dict],
                      f"{w.slo_tpot * 1e3:g} ms){source}:\n"
                      + table(["TOPOLOGY", *(p.upper() for p in scenario.policies),
                               "DUALPATH/BASIC", "PAPER"],
-                             [[c["topology"], *(f"{c['capacity'][p]:g} APS"
+                             [[c["topology"], *(_at_least(c["at_least"][p])
+                                                + f"{c['capacity'][p]:g} APS"
                                                 for p in scenario.policies),
-                               _optional(c["ratio"], ".2f"), _optional(c["paper_ratio"], ".2f")]
+                               _at_least(c["ratio_at_least"] and c["ratio"] is not None)
+                               + _optional(c["ratio"], ".2f"), _optional(c["paper_ratio"], ".2f")]
                               for c in capacity]))
+        if any(any(c["at_least"].values()) for c in capacity):
+            parts[-1] += ("\n>= : the SLO held up to the sweep's top rate; add higher rates "
+                          "to find the capacity")
     return "\n\n".join(parts)
 
 
@@ -366,10 +375,12 @@ def run_all(scenario: Scenario) -> list[dict]:
 
 def capacities(scenario: Scenario, summaries: list[dict]) -> list[dict]:
     """Online: per topology and policy, the highest rate of the sweep meeting the SLO from the
-    lowest rate up (0 if even the lowest misses it), and DualPath's over basic's."""
+    lowest rate up (0 if even the lowest misses it), and DualPath's over basic's. A policy
+    that met the SLO at the sweep's top rate has a capacity of at least that (`at_least`)."""
+    top = max(scenario.workload.aps)
     rows = []
     for topology in dict.fromkeys(s["topology"] for s in summaries):
-        capacity = {}
+        capacity, at_least = {}, {}
         for policy in scenario.policies:
             capacity[policy] = 0.0
             for s in summaries:
@@ -377,9 +388,11 @@ def capacities(scenario: Scenario, summaries: list[dict]) -> list[dict]:
                     if not meets_slo(s, scenario.workload):
                         break
                     capacity[policy] = s["aps"]
+            at_least[policy] = capacity[policy] == top
         ratio = (capacity["dualpath"] / capacity["basic"]
                  if capacity.get("basic") and "dualpath" in capacity else None)
-        rows.append({"topology": topology, "capacity": capacity, "ratio": ratio,
+        rows.append({"topology": topology, "capacity": capacity, "at_least": at_least,
+                     "ratio": ratio, "ratio_at_least": at_least.get("dualpath", False),
                      "paper_ratio": scenario.paper.capacity_ratio if scenario.paper else None})
     return rows
 

@@ -8,7 +8,7 @@ import yaml
 
 from testbed import errors
 from testbed.runner import (TRACE_BLOCKS, Agent, capacities, comparisons, reductions,
-                            snic_balance, trace_blocks)
+                            report_text, snic_balance, trace_blocks)
 from testbed.scenario import PaperFigures, Scenario, Workload, load_scenario
 from testbed.workload import Turn
 
@@ -58,6 +58,18 @@ def test_capacity_is_the_last_rate_meeting_the_slo_from_the_lowest_up():
     [c] = capacities(s, rows)
     assert c["capacity"] == {"basic": 1, "dualpath": 2, "oracle": 0.0}
     assert c["ratio"] == 2 and c["paper_ratio"] == 1.67
+    assert c["at_least"] == {"basic": False, "dualpath": False, "oracle": False}
+
+
+def test_a_policy_inside_the_slo_at_the_top_rate_has_at_least_that_capacity():
+    s = scenario(kind="online", aps=[1, 2])
+    rows = [summary("basic", 0, 1), summary("basic", 0, 2, ttft=5.0),
+            summary("dualpath", 0, 1), summary("dualpath", 0, 2)]
+    [c] = capacities(s, rows)
+    assert c["capacity"]["dualpath"] == 2 and c["at_least"]["dualpath"]
+    assert c["ratio"] == 2 and c["ratio_at_least"]
+    text = report_text(s, [], [], [], [c])
+    assert ">= 2 APS" in text and ">= 2.00" in text
 
 
 def test_snic_balance_averages_busy_samples_only():
