@@ -29,6 +29,12 @@ REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = REPO / "scenarios"
 
 
+_TRAJECTORIES = {"dataset", "seed", "start_turn", "max_turns"}
+USED_BY = {"offline": _TRAJECTORIES | {"agents"},
+           "online": _TRAJECTORIES | {"aps", "duration", "slo_ttft", "slo_tpot"},
+           "trace": {"trace", "skip", "limit", "speed"}}
+
+
 class Workload(Spec):
     """offline: `agents` start at t = 0, the metric is JCT. online: agents arrive as a Poisson
     process, `duration` seconds at each rate in `aps`; the metrics are TTFT, TPOT and the
@@ -76,6 +82,10 @@ class Workload(Spec):
         elif self.trace is not None:
             raise ValueError(f"trace: got {self.trace!r} for a {self.kind} workload, expected "
                              "kind: trace")
+        # A field another kind of workload reads would be silently ignored: refuse it.
+        for field in sorted(self.model_fields_set - USED_BY[self.kind] - {"kind"}):
+            raise ValueError(f"{field}: not read by {self.kind} workloads, expected it only "
+                             f"with kind: {', '.join(k for k in USED_BY if field in USED_BY[k])}")
         return self
 
     @property

@@ -96,6 +96,9 @@ def test_trace_hits_are_the_stored_prefix_of_full_blocks():
     ({"kind": "online", "aps": [1], "agents": 3}, "expected no agents field"),
     ({"kind": "trace", "trace": "nowhere.jsonl"}, "workload.trace: got 'nowhere.jsonl'"),
     ({"agents": 2, "trace": "traces/mooncake_synthetic_trace.jsonl"}, "expected kind: trace"),
+    ({"agents": 2, "aps": [1]}, "workload.aps: not read by offline workloads, expected it "
+                                "only with kind: online"),
+    ({"kind": "online", "aps": [1], "skip": 3}, "workload.skip: not read by online workloads"),
 ])
 def test_bad_workloads_name_the_field(tmp_path, fields, expected):
     path = tmp_path / "bad.yaml"
