@@ -29,7 +29,7 @@ from dataclasses import dataclass, field
 from agents.kv import parse_blocks
 from agents.policies import load_policy
 from agents.runtime import Agent, run
-from agents.scheduling import EngineState, Request
+from agents.scheduling import EngineState, Request, read_plan
 
 
 @dataclass
@@ -141,11 +141,9 @@ class SchedulerAgent(Agent):
         p.path = self.policy.read_path(pe, p.de, self.read_q)
         self.decisions[p.path] += 1
         b = p.body
-        hit = parse_blocks(b["hit"])
-        first_de = {"pe": len(hit), "de": 0}.get(p.path)
-        if first_de is None:     # split: the PE side reads the first blocks, its share of tokens
-            first_de = pe_blocks(hit, self.policy.pe_share(pe, p.de, self.read_q, r.context))
-        reads = [[pe.node, hit[:first_de]], [p.de.node, hit[first_de:]]]
+        share = (self.policy.pe_share(pe, p.de, self.read_q, r.context)
+                 if p.path == "split" else None)
+        reads = read_plan(p.path, parse_blocks(b["hit"]), pe.node, p.de.node, share)
         for node, blocks in reads:
             p.reads[node] = sum(t for _, t in blocks)
             self.read_q[node] += p.reads[node]
@@ -181,16 +179,6 @@ class SchedulerAgent(Agent):
             if {"prefill", "decode"} <= p.results.keys() and not p.done.done():
                 p.done.set_result(None)
         return {"known": True}
-
-
-def pe_blocks(hit: list, share: float) -> int:
-    """How many of the first hit blocks hold about `share` of its tokens."""
-    want, taken = share * sum(t for _, t in hit), 0
-    for count, (_, tokens) in enumerate(hit):
-        if taken + tokens / 2 > want:
-            return count
-        taken += tokens
-    return len(hit)
 
 
 def _args(parser: argparse.ArgumentParser) -> None:

@@ -123,6 +123,27 @@ def choose_read_path(pe: EngineState, de: EngineState, read_q: dict[str, int]) -
     return "de" if read_q[de.node] < read_q[pe.node] else "pe"
 
 
+def read_plan(path: str, hit: list, pe_node: str, de_node: str,
+              pe_share: float | None = None) -> list[list]:
+    """Which node reads which hit blocks ([node, blocks] pairs, in the order of hit): all on
+    the PE or the DE side, or split, the PE side reading the first blocks, its share of the
+    tokens."""
+    first_de = {"pe": len(hit), "de": 0}.get(path)
+    if first_de is None:
+        first_de = pe_blocks(hit, pe_share)
+    return [[pe_node, hit[:first_de]], [de_node, hit[first_de:]]]
+
+
+def pe_blocks(hit: list, share: float) -> int:
+    """How many of the first hit blocks hold about `share` of its tokens."""
+    want, taken = share * sum(t for _, t in hit), 0
+    for count, (_, tokens) in enumerate(hit):
+        if taken + tokens / 2 > want:
+            return count
+        taken += tokens
+    return len(hit)
+
+
 # -- intra-engine batching, prefill engines only (§5.5) -----------------------------------
 
 Chunk = tuple[Request, int, int]       # (request, cached tokens, tokens computed now)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 
 from agents.control import call
 from agents.kv import Block, Geometry, placement
+from agents.scheduling import read_plan
 from testbed import counters
 from testbed.errors import TestbedError
 from testbed.plan import ClusterPlan
@@ -32,7 +33,7 @@ class RequestSpec:
     context: int          # hit tokens: their KV is in storage
     append: int           # miss tokens: prefill computes their KV
     generate: int
-    path: str             # "pe", "de", or "split" (half the hit blocks read on each side)
+    path: str             # "pe", "de", or "split" (about half the hit tokens on each side)
     prefill_gpu: str
     decode_gpu: str
     oracle: bool = False
@@ -116,19 +117,13 @@ def seed_blocks(plan: ClusterPlan, geometry: Geometry, blocks: list[Block]) -> N
                  blocks=held[first:first + SEED_CHUNK])
 
 
-def reads(req: PreparedRequest) -> list[list]:
-    """Which node reads which hit blocks: all on one side, or the first half on the PE side
-    and the rest on the DE side."""
-    first_de = {"pe": len(req.hit), "de": 0}.get(req.spec.path, len(req.hit) // 2)
-    return [[req.pe_node, req.hit[:first_de]], [req.de_node, req.hit[first_de:]]]
-
-
 def prefill(plan: ClusterPlan, req: PreparedRequest) -> dict:
     """Run the request's prefill on its prefill GPU."""
     spec = req.spec
     return call(plan.host(spec.prefill_gpu).address("mgmt"), "prefill", request=req.request,
                 model=spec.model, hit=req.hit, miss=req.miss, path=spec.path,
-                reads=reads(req),
+                reads=read_plan(req.spec.path, req.hit, req.pe_node, req.de_node,
+                                pe_share=0.5),
                 decode_node=req.de_node, oracle=spec.oracle)
 
 

@@ -155,7 +155,7 @@ def test_alpha_and_beta_from_rates():
 
 
 def test_a_split_read_cuts_the_hit_blocks_at_the_share():
-    from agents.scheduler import pe_blocks
+    from agents.scheduling import pe_blocks
     hit = [(1, 512), (2, 512), (3, 512), (4, 100)]
     assert pe_blocks(hit, 0.0) == 0 and pe_blocks(hit, 1.0) == 4
     assert pe_blocks(hit, 0.5) == 2        # 1,024 of 1,636 tokens: nearest to half
