@@ -163,8 +163,7 @@ def warm_start(plan: ClusterPlan, profile: ModelProfile, agents: list[Agent],
             stored = agent.stored
             cache.update(block for block, _ in stored)
         seed_blocks(plan, geometry, stored)
-        ready.append(Agent(agent.id, agent.turns, stored if agent.hash_ids is None else [],
-                           agent.arrival, agent.hash_ids))
+        ready.append(Agent(agent.id, agent.turns, stored, agent.arrival, agent.hash_ids))
     return ready, cache
 
 
