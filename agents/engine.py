@@ -22,6 +22,7 @@ from collections import deque
 
 from agents import protocol
 from agents.control import acall
+from agents.gpu import Gpu
 from agents.kv import Block, Geometry, Verifier, full_block_frame, layer_frame, parse_blocks
 from agents.node import DRAM_BYTES, NODE_PORT
 from agents.protocol import Frame, MessageType, PeerError, ProtocolError, kv_bytes
@@ -72,8 +73,10 @@ class EngineAgent(Agent):
         self.prefill_gpus = [h for h in self.plan.of_kind("gpu") if h.role == "prefill"]
         self.unfinished: dict[int, int] = {}      # request -> tokens
         self.scale = self.plan.topology.scale
-        self.gpu = asyncio.Lock()                 # one GPU: compute runs one kernel at a time
+        self.gpu = Gpu()
         self.batch: dict[int, DecodeJob] = {}     # decode: the requests stepping together
+        self.hbm_used = 0                         # decode: KV tokens allocated in HBM
+        self.hbm_freed = asyncio.Condition()
         self.prefill_queue: deque[PrefillRun] = deque()
         self.prefilling: asyncio.Task | None = None
         self.stepping: asyncio.Task | None = None
@@ -259,11 +262,18 @@ class EngineAgent(Agent):
         geometry = self.geometry(profile)
         prompt, generate = parse_blocks(m["prompt"]), int(m["generate"])
         oracle = bool(m.get("oracle"))
-        self.unfinished[request] = sum(t for _, t in prompt) + generate
+        need = sum(t for _, t in prompt) + generate
+        self.unfinished[request] = need
         started = time.monotonic()
         fetched = verify_seconds = 0
         h2d_window = None
+        allocated = False
         try:
+            # HBM is allocated once the prompt is complete in the DE buffer (paper §3.3): a
+            # request short of HBM waits there for others to finish.
+            await self.allocate_hbm(request, need, int(m.get("hbm_tokens", 1 << 60)))
+            allocated = True
+            hbm_wait = time.monotonic() - started
             if not oracle:
                 # A fetch waits until the prompt KV is complete: a connection of its own.
                 node = Connection(self.address(self.host.node, "pcie"), NODE_PORT,
@@ -293,12 +303,25 @@ class EngineAgent(Agent):
         finally:
             self.batch.pop(request, None)
             self.unfinished.pop(request, None)
-        return {"seconds": time.monotonic() - started, "h2d_seconds": h2d,
+            if allocated:
+                async with self.hbm_freed:
+                    self.hbm_used -= need
+                    self.hbm_freed.notify_all()
+        return {"seconds": time.monotonic() - started, "hbm_wait_seconds": hbm_wait,
+                "h2d_seconds": h2d,
                 "h2d_window": h2d_window, "verify_seconds": verify_seconds,
                 "prompt_bytes": fetched, "steps": len(job.steps),
                 "first_token_wall": job.first_token_wall, "end_wall": time.time(),
                 "tpot": sum(job.steps) / len(job.steps) if job.steps else 0.0,
                 "persisted": job.persisted, "verifier": self.verifier.stats()}
+
+    async def allocate_hbm(self, request: int, need: int, capacity: int) -> None:
+        if need > capacity:
+            raise ProtocolError(f"request {request}: {need} tokens of KV exceed the decode "
+                                f"HBM of {capacity} tokens")
+        async with self.hbm_freed:
+            await self.hbm_freed.wait_for(lambda: self.hbm_used + need <= capacity)
+            self.hbm_used += need
 
     async def fetch_prompt(self, conn: Connection, request: int, geometry: Geometry,
                            prompt: list[Block]) -> tuple[float, float, list[Frame]]:
@@ -339,8 +362,7 @@ class EngineAgent(Agent):
             jobs = list(self.batch.values())
             profile = jobs[0].profile
             t = time.monotonic()
-            async with self.gpu:
-                await asyncio.sleep(profile.decode_step_seconds(sum(j.context for j in jobs)))
+            await self.gpu.run(profile.decode_step_seconds(sum(j.context for j in jobs)))
             # One exchange per step carries every layer's all-to-all for the batch's tokens.
             await self.all_to_all(jobs[0].request, 0, round(
                 profile.all_to_all_bytes(len(jobs)) * profile.layers.value / self.scale))
@@ -399,6 +421,7 @@ class PrefillRun:
         self.moved = {"layer_bytes": 0, "pushed_bytes": 0, "load_window": None}
         self.started = time.monotonic()
         self.loading: asyncio.Task | None = None
+        self.acks: asyncio.Task | None = None     # the push's ACKs, one per layer
         self.done = asyncio.get_running_loop().create_future()
         engine.unfinished[self.request] = context + append
 
@@ -418,8 +441,13 @@ class PrefillRun:
 
     def _close(self) -> None:
         self.engine.unfinished.pop(self.request, None)
-        if self.loading is not None and not self.loading.done():
-            self.loading.cancel()
+        for task in (self.loading, self.acks):
+            if task is None:
+                continue
+            if not task.done():
+                task.cancel()
+            elif not task.cancelled():
+                task.exception()      # seen: the request's failure is reported as its error
         for source in self.sources:
             source.load_conn.reset()
         self.push_conn.reset()
@@ -491,6 +519,8 @@ class PrefillRun:
         await asyncio.gather(*map(read, self.layer_reads(layer)))
 
     async def push_layer(self, layer: int) -> None:
+        """Send one layer's KV to the decode node. Layers stream without waiting for each
+        other's ACK, as RDMA writes do; the last layer waits for all of them."""
         if self.oracle or not self.sent:
             return
         t = time.monotonic()
@@ -503,10 +533,22 @@ class PrefillRun:
             frames.insert(0, protocol.control(MessageType.KV_PUSH, {
                 "geometry": self.geometry.to_json(), "blocks": self.sent,
                 "prompt": self.hit + self.miss, "persist": self.miss}, self.request))
-        await self.engine.exchange(self.push_conn, frames, 1, MessageType.ACK)
+        reader, writer = await self.push_conn.get()
+        if layer == 0:
+            self.acks = asyncio.create_task(self.read_acks(reader))
+        elif self.acks.done():
+            self.acks.result()          # the node refused an earlier layer: stop here
+        for frame in frames:
+            await protocol.write_frame(writer, frame)
+        if layer == self.geometry.layers - 1:
+            await self.acks
         self.engine.counters["kv_bytes_pushed"] += len(data.payload)
         self.moved["pushed_bytes"] += len(data.payload)
         self.timings["push"] += time.monotonic() - t
+
+    async def read_acks(self, reader: asyncio.StreamReader) -> None:
+        for _ in range(self.geometry.layers):
+            await protocol.expect(reader, MessageType.ACK)
 
 
 class ReadSource:
@@ -635,10 +677,9 @@ class PrefillBatch:
         if not self.runs:
             return
         t = time.monotonic()
-        async with self.engine.gpu:
-            seconds = sum(member.layer_seconds for member in self.runs)
-            await asyncio.sleep(seconds)
-            self.engine.counters["compute_seconds"] += seconds
+        seconds = sum(member.layer_seconds for member in self.runs)
+        await self.engine.gpu.run(seconds)
+        self.engine.counters["compute_seconds"] += seconds
         self.charge("compute", time.monotonic() - t)
 
     async def exchange(self, layer: int) -> None:

@@ -23,6 +23,10 @@ from agents.storage import STORAGE_PORT
 
 NODE_PORT = 7002
 DRAM_BYTES = 80e9          # real-cluster DRAM buffer per node (paper: 80 GB for DS models)
+# The share of a decode node's DRAM in which prompts whose prefill has been placed may wait
+# for their engine's HBM (paper §3.3: a DE allocates HBM only once the prompt is in its
+# buffer). The rest is left to the loads of the DE read path.
+DE_BUFFER_SHARE = 0.5
 PROMPT_TIMEOUT = 600.0
 RESERVE_TIMEOUT = 600.0
 
@@ -64,6 +68,7 @@ class Prompt:
     complete: asyncio.Event = field(default_factory=asyncio.Event)
     size: int = 0
     dropped: bool = False      # the request failed elsewhere: a waiting FETCH must give up
+    persisting: asyncio.Task | None = None   # the appended tokens' KV, on its way to storage
 
     def expect(self, blocks: list[Block]) -> None:
         if blocks:
@@ -115,8 +120,8 @@ class NodeAgent(Agent):
         self.storage_hosts = [h.name for h in self.plan.of_kind("storage")]
         self.replicas = topology.storage.replicas
         self.links = {h: StorageLink(self.address(h, "stor")) for h in self.storage_hosts}
-        # Writes have links of their own: the SNIC is full duplex, and a write (the last
-        # layer of a push waits for it) must not queue behind the reads of the same host.
+        # Writes have links of their own: the SNIC is full duplex, and a write (a decode's
+        # FETCH waits for it) must not queue behind the reads of the same host.
         self.write_links = {h: StorageLink(self.address(h, "stor")) for h in self.storage_hosts}
         self.prompts: dict[int, Prompt] = {}
         self.dropped: set[int] = set()         # requests that failed: never wait for them
@@ -146,6 +151,8 @@ class NodeAgent(Agent):
         if prompt:
             prompt.dropped = failed
             prompt.complete.set()      # wakes a FETCH waiting for it
+            if failed and prompt.persisting and not prompt.persisting.done():
+                prompt.persisting.cancel()
             await self.buffer.free(prompt.size)
 
     # -- storage ----------------------------------------------------------------------------
@@ -203,6 +210,10 @@ class NodeAgent(Agent):
             except (ProtocolError, OSError, asyncio.IncompleteReadError) as exc:
                 raise PeerError(f"writing block {block[0]} to {host}: {exc}") from None
             self.counters["storage_write_bytes"] += len(payload)
+
+    async def write_blocks(self, geometry: Geometry, blocks: list[tuple[Block, bytes]]) -> None:
+        for block, payload in blocks:
+            await self.write_block(geometry, block, payload)
 
     # -- serving GPUs -----------------------------------------------------------------------
     async def session(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -262,8 +273,9 @@ class NodeAgent(Agent):
 
     async def on_push(self, frame: Frame, reader, writer, peer) -> None:
         """A prefill GPU streams one frame per layer of `blocks`; the prompt is complete
-        once every block of `prompt` is in DRAM, loaded or pushed. The last layer's ACK
-        comes after the appended tokens' KV is in storage, so a failed write is reported."""
+        once every block of `prompt` is in DRAM, loaded or pushed. The appended tokens' KV
+        then goes to storage while the prefill engine moves on; the decode's FETCH waits for
+        that write, so a failed write fails the request with its reason."""
         body = frame.json()
         geometry = Geometry.from_json(body["geometry"])
         blocks, expected = parse_blocks(body["blocks"]), parse_blocks(body["prompt"])
@@ -290,8 +302,9 @@ class NodeAgent(Agent):
                     for block_id, _ in blocks:
                         parts = prompt.layers.pop(block_id)
                         prompt.fulls[block_id] = b"".join(parts[i] for i in range(geometry.layers))
-                    for block in persist:   # the appended tokens' KV, for later turns
-                        await self.write_block(geometry, block, prompt.fulls[block[0]])
+                    if persist:   # the appended tokens' KV, for later turns
+                        prompt.persisting = asyncio.create_task(self.write_blocks(
+                            geometry, [(b, prompt.fulls[b[0]]) for b in persist]))
                 await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request,
                                                          layer=layer))
         except BaseException:
@@ -316,6 +329,12 @@ class NodeAgent(Agent):
                             f"{PROMPT_TIMEOUT:.0f} s") from None
         if prompt.dropped:
             raise PeerError(f"request {frame.request} failed during prefill")
+        if prompt.persisting:
+            try:
+                await prompt.persisting
+            except PeerError:
+                await self.drop(frame.request)
+                raise
         for block in prompt.expected:
             sent = await protocol.write_frame(writer, full_block_frame(
                 geometry, block, frame.request, prompt.fulls[block[0]]))

@@ -12,10 +12,13 @@ and what completed: the numbers the engines would report on a fetch, without a p
 delay. A node's read queue is the hit tokens of the prefills reading on that node that have
 not completed yet (a poll of the node agents would miss what this very fetch assigned).
 
-A decode engine's free HBM is reserved when a request is placed on it and given back when its
-decode completes. (Counting it only from the end of the prefill, when the engine copies the
-prompt in, lets placements run ahead of HBM; the prompts then wait in the DE buffers, whose
-DRAM the DE read path needs too, and throughput fell in a 1P1D trial.)
+A request allocates decode HBM only once its prefill has ended and its prompt is in the DE
+buffer (paper §3.3); an engine short of HBM makes it wait there. The placement filter's free
+HBM therefore counts the engine's HBM plus its share of the DE buffer (`buffer_tokens`), less
+what is placed on it and not yet decoded: placements run ahead of HBM by at most the buffer,
+so waiting prompts never take the DRAM that the DE read path loads into. (Without that bound
+placements ran ahead and stalled the DE read path; reserving HBM at placement instead makes
+every second of prefill latency a second of HBM held idle.)
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ class SchedulerAgent(Agent):
         self.pending: dict[int, Pending] = {}
         self.decisions = {"prefill": 0, "decode": 0, "pe": 0, "de": 0, "split": 0}
         self.configure_from({"policy": self.args.policy, "alpha": 0, "beta": 1 << 60,
-                             "hbm_tokens": 1 << 60})
+                             "hbm_tokens": 1 << 60, "buffer_tokens": 0})
 
     def control_handlers(self) -> dict:
         return {**super().control_handlers(), "configure": self.configure,
@@ -79,16 +82,19 @@ class SchedulerAgent(Agent):
         return {"policy": self.policy.name}
 
     def configure_from(self, m: dict) -> None:
-        """A policy and its thresholds (alpha, beta in tokens; decode HBM in tokens)."""
+        """A policy and its thresholds (alpha, beta, a decode engine's HBM and its share of
+        the DE buffer, all in tokens)."""
         self.policy = load_policy(m["policy"])
         self.alpha, self.beta = int(m["alpha"]), int(m["beta"])
+        self.hbm_tokens = int(m["hbm_tokens"])
+        room = self.hbm_tokens + int(m.get("buffer_tokens", 0))
         for e in self.engines.values():
             e.seq = e.tok = 0
         self.read_q = dict.fromkeys(self.read_q, 0)
         self.decisions = dict.fromkeys(self.decisions, 0)
         for engines in self.groups["decode"].values():
             for e in engines:
-                e.free_hbm = int(m["hbm_tokens"])
+                e.free_hbm = room
         self.global_de: deque[Request] = deque()
         self.ready = {g: [] for g in self.groups["decode"]}   # decodes whose prefill is done
         self.private = {g: deque() for g in self.groups["decode"]}
@@ -133,7 +139,7 @@ class SchedulerAgent(Agent):
         return {"engine": p.de.name, "op": "decode", "args": {
             "request": r.id, "model": b["model"], "prompt": b["hit"] + b["miss"],
             "generate": r.generate, "generated_block_base": b["generated_block_base"],
-            "oracle": self.policy.oracle}}
+            "oracle": self.policy.oracle, "hbm_tokens": self.hbm_tokens}}
 
     def prefill_work(self, r: Request, pe: EngineState) -> dict:
         p = self.pending[r.id]

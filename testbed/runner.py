@@ -20,6 +20,7 @@ from pathlib import Path
 
 from agents.control import acall
 from agents.kv import Block, Geometry
+from agents.node import DE_BUFFER_SHARE, DRAM_BYTES
 from agents.scheduling import alpha_tokens, beta_tokens
 from testbed import counters
 from testbed.agentset import RunningCluster
@@ -58,12 +59,15 @@ class Agent:
 
 
 def thresholds(plan: ClusterPlan, profile: ModelProfile, context: int, append: int) -> dict:
-    """alpha: 3 s of one node's SNIC; beta: 5 s of one GPU's prefill; decode HBM in tokens."""
+    """alpha: 3 s of one node's SNIC; beta: 5 s of one GPU's prefill; a decode GPU's HBM
+    and its share of the DE buffer, in tokens."""
     topo = plan.topology
     per_token = profile.prefill_seconds(context, append) / max(1, context + append)
+    buffer_bytes = DE_BUFFER_SHARE * DRAM_BYTES / topo.gpus_per_node
     return {"alpha": alpha_tokens(topo.links.snic / 8, profile.kv_bytes_per_token),
             "beta": beta_tokens(per_token),
-            "hbm_tokens": int(profile.decode.hbm_kv_bytes.value / profile.kv_bytes_per_token)}
+            "hbm_tokens": int(profile.decode.hbm_kv_bytes.value / profile.kv_bytes_per_token),
+            "buffer_tokens": int(buffer_bytes / profile.kv_bytes_per_token)}
 
 
 def trace_blocks(agent: Agent, turn: Turn, cache: set[int], base: int,
@@ -105,6 +109,7 @@ async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict
             "ttft": (decode["first_token_wall"] or time.time()) - result["submitted"],
             "tpot": decode["tpot"], "prefill_seconds": prefill["seconds"],
             **{f"prefill_{phase}": seconds for phase, seconds in prefill["timings"].items()},
+            "decode_hbm_wait": decode["hbm_wait_seconds"],
             "prompt_bytes_verified": decode["prompt_bytes"],
             "corrupt_bytes": decode["verifier"]["corrupt_bytes"]})
     agent.finished = time.time() - started

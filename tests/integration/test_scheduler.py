@@ -19,9 +19,11 @@ def cluster():
         yield fabric
 
 
-def run_batch(fabric, policy: str, count: int = 8) -> tuple[list[dict], dict]:
+def run_batch(fabric, policy: str, count: int = 8, hbm_tokens: int = 2_000_000,
+              buffer_tokens: int = 0) -> tuple[list[dict], dict]:
     sched = fabric.plan.host("sched").address("mgmt")
-    call(sched, "configure", policy=policy, alpha=300_000, beta=200_000, hbm_tokens=2_000_000)
+    call(sched, "configure", policy=policy, alpha=300_000, beta=200_000,
+         hbm_tokens=hbm_tokens, buffer_tokens=buffer_tokens)
     # The GPUs named here are ignored: the scheduler places the requests.
     reqs = [prepare(fabric.plan, RequestSpec("ds-27b", 32768, 429, 64, "pe", "n0g0", "n1g0"))
             for _ in range(count)]
@@ -61,3 +63,24 @@ def test_dualpath_balances_reads_between_the_two_nodes(cluster):
     results, _ = run_batch(cluster, "dualpath", count=16)
     paths = [r["path"] for r in results]
     assert abs(paths.count("pe") - paths.count("de")) <= 2, paths
+
+
+def test_prompts_wait_in_the_de_buffer_until_their_engine_has_hbm(cluster):
+    """HBM for one request per decode GPU, DE buffer for four more: two requests per engine
+    are placed at once and prefilled together, but each engine decodes them one after the
+    other, the second waiting for HBM once its prompt is in the buffer."""
+    need = 32768 + 429 + 64
+    results, stats = run_batch(cluster, "dualpath", hbm_tokens=need, buffer_tokens=4 * need)
+    assert stats["pending"] == 0
+    by_engine: dict[str, list[dict]] = {}
+    for r in results:
+        assert r["decode"]["verifier"]["corrupt_bytes"] == 0
+        by_engine.setdefault(r["de"], []).append(r["decode"])
+    assert any(len(decodes) > 1 for decodes in by_engine.values()), by_engine.keys()
+    for decodes in by_engine.values():
+        decodes.sort(key=lambda d: d["h2d_window"][0])
+        for earlier, later in zip(decodes, decodes[1:]):
+            # HBM frees when the earlier decode ends; only then is the later prompt copied in.
+            assert later["h2d_window"][0] >= earlier["end_wall"] - 0.05
+    waits = [d["hbm_wait_seconds"] for decodes in by_engine.values() for d in decodes]
+    assert max(waits) > 0.1, waits

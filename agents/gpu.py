@@ -1,0 +1,34 @@
+"""One emulated GPU: kernels run one at a time, each for the time the model profile gives it.
+
+The emulator waits for a kernel with a timer, and a busy host wakes it late. Left alone, that
+lateness would stretch every step of a busy engine: decode steps of an engine that is also
+fetching prompts would take longer than the same steps of an idle one, a cost of the host,
+not of the emulated cluster. So each kernel's lateness is made up from the kernels after it:
+over a run the GPU is busy for the profile's time, as long as the host keeps up at all.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+# The most lateness carried forward. A host so loaded that it falls further behind is limiting
+# the run (the runner's CPU watch reports that), and catching up more would bunch kernels.
+MAX_MADE_UP_SECONDS = 0.1
+
+
+class Gpu:
+    def __init__(self):
+        self.lock = asyncio.Lock()
+        self.late = 0.0          # seconds the kernels so far ran over their profile time
+        self.busy = 0.0          # profile seconds of every kernel run
+
+    async def run(self, seconds: float) -> None:
+        """One kernel of `seconds` (profile time); returns when it has completed."""
+        async with self.lock:
+            made_up = min(self.late, seconds)
+            started = time.monotonic()
+            await asyncio.sleep(seconds - made_up)
+            overshoot = time.monotonic() - started - (seconds - made_up)
+            self.late = min(MAX_MADE_UP_SECONDS, self.late - made_up + max(0.0, overshoot))
+            self.busy += seconds
