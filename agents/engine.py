@@ -421,7 +421,7 @@ class PrefillRun:
         self.moved = {"layer_bytes": 0, "pushed_bytes": 0, "load_window": None}
         self.started = time.monotonic()
         self.loading: asyncio.Task | None = None
-        self.acks: asyncio.Task | None = None     # the push's ACKs, one per layer
+        self.acks: asyncio.Task | None = None     # the push's ACK, once every layer is in
         self.done = asyncio.get_running_loop().create_future()
         engine.unfinished[self.request] = context + append
 
@@ -519,8 +519,9 @@ class PrefillRun:
         await asyncio.gather(*map(read, self.layer_reads(layer)))
 
     async def push_layer(self, layer: int) -> None:
-        """Send one layer's KV to the decode node. Layers stream without waiting for each
-        other's ACK, as RDMA writes do; the last layer waits for all of them."""
+        """Send one layer's KV to the decode node. Layers stream without a round trip each,
+        as RDMA writes do; the node acknowledges the whole push once, which the last layer
+        waits for."""
         if self.oracle or not self.sent:
             return
         t = time.monotonic()
@@ -535,7 +536,7 @@ class PrefillRun:
                 "prompt": self.hit + self.miss, "persist": self.miss}, self.request))
         reader, writer = await self.push_conn.get()
         if layer == 0:
-            self.acks = asyncio.create_task(self.read_acks(reader))
+            self.acks = asyncio.create_task(protocol.expect(reader, MessageType.ACK))
         elif self.acks.done():
             self.acks.result()          # the node refused an earlier layer: stop here
         for frame in frames:
@@ -545,10 +546,6 @@ class PrefillRun:
         self.engine.counters["kv_bytes_pushed"] += len(data.payload)
         self.moved["pushed_bytes"] += len(data.payload)
         self.timings["push"] += time.monotonic() - t
-
-    async def read_acks(self, reader: asyncio.StreamReader) -> None:
-        for _ in range(self.geometry.layers):
-            await protocol.expect(reader, MessageType.ACK)
 
 
 class ReadSource:

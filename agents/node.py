@@ -305,8 +305,10 @@ class NodeAgent(Agent):
                     if persist:   # the appended tokens' KV, for later turns
                         prompt.persisting = asyncio.create_task(self.write_blocks(
                             geometry, [(b, prompt.fulls[b[0]]) for b in persist]))
-                await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request,
-                                                         layer=layer))
+            # One ACK for the whole push: its layers stream without waiting (as RDMA
+            # writes do); a refused layer is answered with an ERROR instead.
+            await protocol.write_frame(writer, Frame(MessageType.ACK, frame.request,
+                                                     layer=geometry.layers - 1))
         except BaseException:
             await self.drop(frame.request)     # a half-pushed prompt is of no use
             raise

@@ -32,7 +32,7 @@ Who sends what:
                                 LOADed for the request, answered by LAYER_DATA; release
                                 frees them from DRAM after this read
   LAYER_DATA  either way        one layer of `count` consecutive blocks of the request
-  KV_PUSH   PE engine -> DE node  LAYER_DATA frames for a request; answered by ACK per layer
+  KV_PUSH   PE engine -> DE node  LAYER_DATA frames for a request; answered by one ACK once all are in
   FETCH     DE engine -> node   JSON {"geometry", "prompt": blocks}: once every prompt block
                                 is in DRAM (loaded or pushed), one FULL_BLOCK each, then ACK;
                                 the node then frees them
