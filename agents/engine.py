@@ -22,7 +22,10 @@ from collections import deque
 
 from agents import protocol
 from agents.control import acall
+from prometheus_client import Histogram
+
 from agents.gpu import Gpu
+from agents.metrics import counter, gauge, verifier_metrics
 from agents.kv import Block, Geometry, Verifier, full_block_frame, layer_frame, parse_blocks
 from agents.node import DRAM_BYTES, NODE_PORT
 from agents.protocol import Frame, MessageType, PeerError, ProtocolError, kv_bytes
@@ -74,6 +77,15 @@ class EngineAgent(Agent):
         self.unfinished: dict[int, int] = {}      # request -> tokens
         self.scale = self.plan.topology.scale
         self.gpu = Gpu()
+        self.compute_seconds = Histogram(
+            "dualpath_engine_layer_compute_seconds",
+            "Wall time of one prefill layer's compute for a batch, or of one decode step",
+            ["phase"], buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5),
+            registry=self.registry)
+        self.all_to_all_seconds = Histogram(
+            "dualpath_engine_all_to_all_seconds", "Wall time of one all-to-all exchange",
+            buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
+            registry=self.registry)
         self.batch: dict[int, DecodeJob] = {}     # decode: the requests stepping together
         self.hbm_used = 0                         # decode: KV tokens allocated in HBM
         self.hbm_freed = asyncio.Condition()
@@ -97,6 +109,21 @@ class EngineAgent(Agent):
         return {**self.counters, **self.verifier.stats(), "role": self.role,
                 "unfinished_requests": len(self.unfinished),
                 "unfinished_tokens": sum(self.unfinished.values())}
+
+    def metrics(self):
+        yield gauge("dualpath_engine_unfinished_requests", "Requests assigned and not finished",
+                    len(self.unfinished))
+        yield gauge("dualpath_engine_unfinished_tokens", "Tokens of the unfinished requests",
+                    sum(self.unfinished.values()))
+        yield gauge("dualpath_engine_hbm_used_tokens", "Decode: KV tokens allocated in HBM",
+                    self.hbm_used)
+        yield gauge("dualpath_engine_decode_batch_requests", "Decode: requests in the batch",
+                    len(self.batch))
+        yield counter("dualpath_engine_gpu_busy_seconds", "Emulated GPU time of every kernel",
+                      self.gpu.busy)
+        yield counter("dualpath_engine_prefill_batches", "Prefill forward batches run",
+                      self.counters["prefill_batches"])
+        yield from verifier_metrics(self.verifier, self.scale)
 
     def geometry(self, profile) -> Geometry:
         return Geometry.of(profile, self.scale)
@@ -185,7 +212,9 @@ class EngineAgent(Agent):
             self.counters["all_to_all_bytes_received"] += len(back.payload)
 
         await asyncio.gather(*(one(p) for p in self.peers))
-        return time.monotonic() - started
+        seconds = time.monotonic() - started
+        self.all_to_all_seconds.observe(seconds)
+        return seconds
 
     async def on_all_to_all(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         peer = writer.get_extra_info("peername")
@@ -311,7 +340,8 @@ class EngineAgent(Agent):
                 "h2d_seconds": h2d,
                 "h2d_window": h2d_window, "verify_seconds": verify_seconds,
                 "prompt_bytes": fetched, "steps": len(job.steps),
-                "first_token_wall": job.first_token_wall, "end_wall": time.time(),
+                "first_token_wall": job.first_token_wall,
+                "second_token_wall": job.second_token_wall, "end_wall": time.time(),
                 "tpot": sum(job.steps) / len(job.steps) if job.steps else 0.0,
                 "persisted": job.persisted, "verifier": self.verifier.stats()}
 
@@ -363,6 +393,7 @@ class EngineAgent(Agent):
             profile = jobs[0].profile
             t = time.monotonic()
             await self.gpu.run(profile.decode_step_seconds(sum(j.context for j in jobs)))
+            self.compute_seconds.labels("decode").observe(time.monotonic() - t)
             # One exchange per step carries every layer's all-to-all for the batch's tokens.
             await self.all_to_all(jobs[0].request, 0, round(
                 profile.all_to_all_bytes(len(jobs)) * profile.layers.value / self.scale))
@@ -677,6 +708,7 @@ class PrefillBatch:
         seconds = sum(member.layer_seconds for member in self.runs)
         await self.engine.gpu.run(seconds)
         self.engine.counters["compute_seconds"] += seconds
+        self.engine.compute_seconds.labels("prefill").observe(time.monotonic() - t)
         self.charge("compute", time.monotonic() - t)
 
     async def exchange(self, layer: int) -> None:
@@ -703,6 +735,7 @@ class DecodeJob:
         self.generated = 0
         self.steps: list[float] = []
         self.first_token_wall: float | None = None
+        self.second_token_wall: float | None = None
         self.persisted: list[Block] = []
         self.persisting: list[asyncio.Task] = []
         self.done = asyncio.get_running_loop().create_future()
@@ -713,6 +746,8 @@ class DecodeJob:
         self.steps.append(step_seconds)
         if self.first_token_wall is None:
             self.first_token_wall = time.time()
+        elif self.second_token_wall is None:
+            self.second_token_wall = time.time()
         if self.generated % PERSIST_TOKENS == 0:
             # Persisted as soon as the block is full, while decoding goes on (D2H, then
             # the node writes it to storage). Oracle moves no KV but still counts the

@@ -15,7 +15,10 @@ import asyncio
 import time
 from dataclasses import dataclass, field
 
+from prometheus_client.core import CounterMetricFamily
+
 from agents import protocol
+from agents.metrics import counter, gauge, labelled, verifier_metrics
 from agents.kv import Block, Geometry, Verifier, full_block_frame, layer_frame, parse_blocks, placement
 from agents.protocol import Frame, MessageType, PeerError, ProtocolError
 from agents.runtime import Agent, run
@@ -140,6 +143,27 @@ class NodeAgent(Agent):
         return {**self.counters, **self.verifier.stats(), "read_queue_tokens": self.read_queue_tokens,
                 "buffer_used": self.buffer.used, "buffer_capacity": self.buffer.capacity,
                 "requests_in_dram": len(self.prompts)}
+
+    def metrics(self):
+        scale, c = self.plan.topology.scale, self.counters
+        yield gauge("dualpath_node_read_queue_tokens",
+                    "Hit tokens this node is reading from storage", self.read_queue_tokens)
+        yield gauge("dualpath_node_dram_used_bytes", "DRAM buffer in use (real-cluster bytes)",
+                    self.buffer.used * scale)
+        yield gauge("dualpath_node_dram_capacity_bytes", "DRAM buffer (real-cluster bytes)",
+                    self.buffer.capacity * scale)
+        yield labelled(CounterMetricFamily, "dualpath_node_layer_bytes",
+                       "Layer Blocks served to prefill GPUs (real-cluster bytes): path pe to "
+                       "the node's own GPUs, de to remote ones", "path",
+                       {"pe": c["layer_bytes_local"] * scale, "de": c["layer_bytes_remote"] * scale})
+        yield counter("dualpath_node_storage_read_bytes", "Bytes read from storage (real-cluster)",
+                      c["storage_read_bytes"] * scale)
+        yield counter("dualpath_node_storage_write_bytes",
+                      "Bytes written to storage (real-cluster)", c["storage_write_bytes"] * scale)
+        yield counter("dualpath_node_pushed_bytes",
+                      "Prompt KV pushed in by prefill GPUs (real-cluster bytes)",
+                      c["pushed_bytes"] * scale)
+        yield from verifier_metrics(self.verifier, scale)
 
     def prompt(self, request: int) -> Prompt:
         return self.prompts.setdefault(request, Prompt())

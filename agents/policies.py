@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import importlib
 import itertools
-from collections import deque
+from collections import Counter, deque
 
 from agents.scheduling import (EngineState, Request, choose_read_path, de_group_schedule,
                                de_schedule, pe_schedule)
@@ -27,6 +27,7 @@ class Policy:
         self._next_pe = itertools.count()
         self._next_de = itertools.count()
         self._next_path = itertools.count()
+        self.categories: Counter = Counter()   # where its placements came from (§5 rules)
 
     # -- placement ------------------------------------------------------------------------
     def place_decode(self, global_queue: deque[Request], groups: dict[str, list[EngineState]],
@@ -34,16 +35,17 @@ class Policy:
                      ) -> list[tuple[Request, EngineState]]:
         if self.scheduled:
             de_group_schedule(global_queue, groups, private)
-            return de_schedule(private[group], groups[group])
+            return de_schedule(private[group], groups[group], categories=self.categories)
         return self._round_robin(global_queue, groups, group, self._next_de, decode=True)
 
     def place_prefill(self, waiting: deque[Request], group: list[EngineState],
                       read_q: dict[str, int], alpha: int, beta: int,
                       ) -> list[tuple[Request, EngineState]]:
         if self.scheduled:
-            return pe_schedule(waiting, group, read_q, alpha, beta)
+            return pe_schedule(waiting, group, read_q, alpha, beta, self.categories)
         assigned = []
         while waiting:
+            self.categories["round_robin"] += 1
             pe = group[next(self._next_pe) % len(group)]
             r = waiting.popleft()
             pe.seq, pe.tok = pe.seq + 1, pe.tok + r.tokens

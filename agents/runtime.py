@@ -8,7 +8,9 @@ import logging
 import os
 import signal
 import sys
+from collections.abc import Iterator
 
+from agents.metrics import agent_registry, serve_metrics
 from testbed.plan import ClusterPlan, Host, build_plan
 from testbed.topology import Topology
 
@@ -25,12 +27,17 @@ class Agent:
         self.host = host
         self.args = args
         self.log = logging.getLogger(f"{self.name}:{host.name}")
+        self.registry = agent_registry()     # histograms an agent keeps register here
 
     async def start(self) -> None:
         raise NotImplementedError
 
     async def stats(self, _message: dict) -> dict:
         return {}
+
+    def metrics(self) -> Iterator:
+        """Prometheus metric families, read from the agent's state at each scrape."""
+        return iter(())
 
     def control_handlers(self) -> dict:
         return {"ping": self.ping, "stats": self.stats}
@@ -63,6 +70,7 @@ def run(agent_class: type[Agent], extra_args=None) -> None:
             loop.add_signal_handler(sig, stop.set)
         await agent.start()
         await serve_control(agent.host.address("mgmt"), agent.control_handlers())
+        await serve_metrics(agent, agent.host.address("mgmt"))
         agent.log.info("ready")
         await stop.wait()
         agent.log.info("stopping")

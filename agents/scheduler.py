@@ -29,7 +29,10 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+
 from agents.kv import parse_blocks
+from agents.metrics import gauge
 from agents.policies import load_policy
 from agents.runtime import Agent, run
 from agents.scheduling import EngineState, Request, read_plan
@@ -73,6 +76,36 @@ class SchedulerAgent(Agent):
                 "waiting_prefill": len(self.pe_waiting), "decisions": dict(self.decisions),
                 "read_q": dict(self.read_q),
                 "engines": {e.name: {"seq": e.seq, "tok": e.tok} for e in self.engines.values()}}
+
+    def metrics(self):
+        policy = self.policy.name
+        placements = CounterMetricFamily(
+            "dualpath_scheduler_placements", "Requests placed on an engine, per role",
+            labels=["policy", "role"])
+        paths = CounterMetricFamily(
+            "dualpath_scheduler_read_paths", "Read paths chosen (pe, de or split)",
+            labels=["policy", "path"])
+        for role in ("prefill", "decode"):
+            placements.add_metric([policy, role], self.decisions[role])
+        for path in ("pe", "de", "split"):
+            paths.add_metric([policy, path], self.decisions[path])
+        categories = CounterMetricFamily(
+            "dualpath_scheduler_categories",
+            "Placements by the category they came from (PE: short or long read queue, alpha; "
+            "DE: low or high against Z) and fetches that stopped (every PE over beta, no DE "
+            "with the HBM)", labels=["policy", "category"])
+        for category in ("pe_short", "pe_long", "pe_over_beta", "de_low", "de_high",
+                         "de_no_hbm", "round_robin"):
+            categories.add_metric([policy, category], self.policy.categories[category])
+        read_q = GaugeMetricFamily("dualpath_scheduler_read_queue_tokens",
+                                   "Hit tokens assigned to each node's reads and not done",
+                                   labels=["read_node"])
+        for node, tokens in self.read_q.items():
+            read_q.add_metric([node], tokens)
+        yield from (placements, paths, categories, read_q)
+        yield gauge("dualpath_scheduler_waiting_requests", "Requests not yet placed",
+                    len(self.global_de) + sum(map(len, self.private.values()))
+                    + len(self.pe_waiting))
 
     # -- configuration ----------------------------------------------------------------------
     async def configure(self, m: dict) -> dict:

@@ -8,7 +8,7 @@ here is a balance of tokens.
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -44,12 +44,15 @@ class EngineState:
 # -- PE scheduling (§5.2) -----------------------------------------------------------------
 
 def pe_schedule(waiting: deque[Request], group: list[EngineState], read_q: dict[str, int],
-                alpha: int, beta: int) -> list[tuple[Request, EngineState]]:
+                alpha: int, beta: int, categories: Counter | None = None,
+                ) -> list[tuple[Request, EngineState]]:
     """Run when a PE group fetches: assign waiting requests, FIFO, to the group's engines.
 
     Categories are recomputed after every assignment, so an engine that crosses beta
-    stops receiving work within the same fetch.
+    stops receiving work within the same fetch. `categories` counts where each assignment
+    came from (pe_short, pe_long) and fetches that stopped with every engine over beta.
     """
+    categories = Counter() if categories is None else categories
     assigned = []
     while waiting:
         r = waiting[0]
@@ -58,9 +61,12 @@ def pe_schedule(waiting: deque[Request], group: list[EngineState], read_q: dict[
         # C_over = {e : tok_e > beta} never receives new work.
         if c_short:
             pe = min(c_short, key=lambda e: e.tok)
+            categories["pe_short"] += 1
         elif c_long:
             pe = min(c_long, key=lambda e: e.tok)
+            categories["pe_long"] += 1
         else:
+            categories["pe_over_beta"] += 1
             break
         assigned.append((r, pe))
         pe.tok += r.tokens
@@ -83,9 +89,12 @@ def de_group_schedule(global_queue: deque[Request], groups: dict[str, list[Engin
         load[group] += r.tokens
 
 
-def de_schedule(private: deque[Request], group: list[EngineState],
-                z_factor: float = 1.05) -> list[tuple[Request, EngineState]]:
-    """Phase 2, within the fetching group: the free-HBM filter, then the Z rule."""
+def de_schedule(private: deque[Request], group: list[EngineState], z_factor: float = 1.05,
+                categories: Counter | None = None) -> list[tuple[Request, EngineState]]:
+    """Phase 2, within the fetching group: the free-HBM filter, then the Z rule.
+    `categories` counts the assignments to low and high engines, and fetches that stopped
+    with no engine having the HBM."""
+    categories = Counter() if categories is None else categories
     h = sum(e.free_hbm for e in group)
     prefix, need = [], 0
     for r in private:                 # R: the longest prefix that fits in all free HBM
@@ -100,13 +109,16 @@ def de_schedule(private: deque[Request], group: list[EngineState],
         r = private[0]
         f = [e for e in group if e.free_hbm >= r.hbm_need]
         if not f:
+            categories["de_no_hbm"] += 1
             break
         low = [e for e in f if e.tok + r.tokens <= z]
         high = [e for e in f if e.tok + r.tokens > z]
         if low:
             de = min(low, key=lambda e: e.seq)      # balance the request count
+            categories["de_low"] += 1
         else:
             de = min(high, key=lambda e: e.tok)     # least risk of exhausting HBM
+            categories["de_high"] += 1
         assigned.append((r, de))
         de.tok += r.tokens
         de.seq += 1

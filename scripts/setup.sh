@@ -16,6 +16,7 @@ command -v apt-get >/dev/null || die "needs a Debian or Ubuntu machine (apt-get 
 declare -A NEED=(
   [mn]=mininet [mnexec]=mininet [brctl]=bridge-utils [ip]=iproute2 [tc]=iproute2
   [ifconfig]=net-tools [iperf3]=iperf3 [ping]=iputils-ping [debootstrap]=debootstrap
+  [prometheus]=prometheus
 )
 missing=()
 for cmd in "${!NEED[@]}"; do command -v "$cmd" >/dev/null || missing+=("${NEED[$cmd]}"); done
@@ -56,13 +57,13 @@ if [ ! -f "$stamp" ]; then
   say "creating the virtualenv in $VENV"
   /usr/bin/python3 -m venv "$VENV"
   "$VENV/bin/pip" install -q --upgrade pip
-  "$VENV/bin/pip" install -q -e '.[test,report]'
+  "$VENV/bin/pip" install -q -e '.[test,report,annotations]'
   site=$("$VENV/bin/python" -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])')
   mnpkg=$(/usr/bin/python3 -c 'import mininet, os; print(os.path.dirname(os.path.dirname(mininet.__file__)))')
   mkdir -p "$VENV/debian-mininet"
   ln -sfn "$mnpkg/mininet" "$VENV/debian-mininet/mininet"
   echo "$(pwd)/$VENV/debian-mininet" > "$site/debian-mininet.pth"
-  "$VENV/bin/python" -c 'import mininet.net, pyroute2, docker, pydantic' \
+  "$VENV/bin/python" -c 'import mininet.net, pyroute2, docker, pydantic, prometheus_client' \
     || die "the virtualenv cannot import its dependencies"
   rm -f "$VENV"/.installed-* && touch "$stamp"
 else

@@ -17,10 +17,12 @@ from pathlib import Path
 
 from agents.control import call
 from testbed.errors import TestbedError
+from testbed.exporter import FabricExporter
 from testbed.fabric import Fabric
 from testbed.plan import build_plan
+from testbed.prometheus import remove_targets, write_targets
 from testbed.topology import Topology
-from testbed.state import STATE_DIR
+from testbed.state import STATE_DIR, FabricRecord
 
 LOG_DIR = STATE_DIR / "logs"
 REPO = Path(__file__).resolve().parent.parent
@@ -109,23 +111,38 @@ class AgentSet:
 
 class RunningCluster:
     """A fabric and (unless told otherwise) its agents, up for a `with` block and torn down
-    however the block ends."""
+    however the block ends. While it is up, its links and the client are exported to
+    Prometheus (`exporter`) and the scrape targets name it, with the scenario and policy
+    it runs."""
 
-    def __init__(self, topology: Topology, agents: bool = True, topology_path: str = ""):
+    def __init__(self, topology: Topology, agents: bool = True, topology_path: str = "",
+                 scenario: str = "", policy: str = ""):
         self.fabric = Fabric(build_plan(topology), topology_path)
         self.agents = AgentSet(self.fabric) if agents else None
+        self.labels = {"scenario": scenario or topology.name, "policy": policy}
+        self.exporter: FabricExporter | None = None
 
     def __enter__(self) -> Fabric:
         self.fabric.up()
         try:
             if self.agents:
                 self.agents.start()
+            self.exporter = FabricExporter(FabricRecord.read(), self.fabric.plan)
+            write_targets(self.fabric.plan, **self.labels)
         except BaseException:
-            self.fabric.down()
+            self.__exit__()
             raise
         return self.fabric
 
     def __exit__(self, *exc) -> None:
-        if self.agents:
-            self.agents.stop()
-        self.fabric.down()
+        remove_targets()
+        try:
+            if self.exporter:
+                self.exporter.stop()
+                self.exporter = None
+        finally:
+            try:
+                if self.agents:
+                    self.agents.stop()
+            finally:
+                self.fabric.down()

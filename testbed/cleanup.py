@@ -6,7 +6,9 @@ The same routine ends a normal run and recovers from a crashed or killed one:
   - processes carrying HOST_MARKER in their environment (host shells and what they ran);
   - root-namespace links and bridges whose names start with our bridge names;
   - the storage agents' block files of netns hosts (docker hosts keep theirs inside the
-    container, which goes with it).
+    container, which goes with it);
+  - a run's own Prometheus server once that run is gone (it carries SERVER_MARKER, whose
+    value is the pid of the run), and the scrape targets of the fabric.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 from agents.storage import DATA_ROOT
 from testbed.hosts import CONTAINER_LABEL, HOST_MARKER, remove_containers
 from testbed.plan import BRIDGES
+from testbed.prometheus import SERVER_MARKER, remove_targets
 from testbed.state import FabricRecord, fabric_running, pid_alive, remove_record
 
 OWNER_STOP_SECONDS = 45
@@ -33,19 +36,27 @@ def our_link_names(ipr: IPRoute) -> list[str]:
     return [n for n in names if n and n.startswith(tuple(BRIDGES.values()))]
 
 
-def marked_processes() -> list[int]:
-    """Pids whose environment carries our host marker (not this process)."""
-    marker = HOST_MARKER.encode() + b"="
-    found = []
+def marked_processes(name: str = HOST_MARKER) -> dict[int, str]:
+    """Pids whose environment carries the marker `name` (not this process), with its value."""
+    marker = name.encode() + b"="
+    found = {}
     for entry in Path("/proc").iterdir():
         if not entry.name.isdigit() or int(entry.name) == os.getpid():
             continue
         try:
-            if marker in (entry / "environ").read_bytes():
-                found.append(int(entry.name))
+            environ = (entry / "environ").read_bytes()
         except OSError:
             continue   # exited meanwhile, or a kernel thread
+        for variable in environ.split(b"\0"):
+            if variable.startswith(marker):
+                found[int(entry.name)] = variable[len(marker):].decode(errors="replace")
     return found
+
+
+def orphaned_servers() -> list[int]:
+    """Our Prometheus servers whose run has ended without stopping them."""
+    return [pid for pid, owner in marked_processes(SERVER_MARKER).items()
+            if not (owner.isdigit() and pid_alive(int(owner)))]
 
 
 def our_containers():
@@ -82,7 +93,7 @@ def remove_leftovers(containers=None) -> dict[str, int]:
     found["containers"] = len(containers)
     remove_containers(containers)
 
-    pids = marked_processes()
+    pids = [*marked_processes(), *orphaned_servers()]
     found["processes"] = len(pids)
     for pid in pids:
         try:
@@ -102,5 +113,6 @@ def remove_leftovers(containers=None) -> dict[str, int]:
     if DATA_ROOT.exists():
         found["storage dirs"] = sum(1 for _ in DATA_ROOT.iterdir())
         shutil.rmtree(DATA_ROOT, ignore_errors=True)
+    remove_targets()
     remove_record()
     return found

@@ -40,6 +40,9 @@ def write_plots(out: Path, results: list[dict], summaries: list[dict],
     axes[-1, 0].set_xlabel("time (s)")
     written.append(_save(fig, out / "snic.png"))
 
+    if any(result.get("links") for result in results):
+        written.append(_links(out, results))
+
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for result in results:
         ttft = sorted(r["ttft"] for r in result["records"])
@@ -51,6 +54,29 @@ def write_plots(out: Path, results: list[dict], summaries: list[dict],
     ax.set_title("TTFT CDF")
     written.append(_save(fig, out / "ttft_cdf.png"))
     return written
+
+
+def _links(out: Path, results: list[dict]) -> Path:
+    """links.png: per run, SNIC read and CNIC receive utilization over time per host, as
+    Prometheus scraped them from the link exporter."""
+    kinds = list(results[0]["links"])
+    fig, axes = plt.subplots(len(results), len(kinds), figsize=(5 * len(kinds), 2.6 * len(results)),
+                             sharex="row", squeeze=False)
+    for row, result in zip(axes, results):
+        for ax, kind in zip(row, kinds):
+            for host, series in sorted(result["links"][kind].items()):
+                ax.plot([t for t, _ in series], [u for _, u in series], label=host)
+            ax.set_ylim(0, 1.05)
+            ax.set_ylabel(f"{kind} utilization")
+            ax.set_title(f"{_label(result, results).replace(chr(10), ' / ')}: {kind}")
+            if ax.lines:
+                ax.legend(loc="upper right", fontsize="x-small", ncol=2)
+            else:   # a run shorter than the 5 s rate window has no samples yet
+                ax.text(0.5, 0.5, "no samples: the run was shorter than the 5 s rate window",
+                        ha="center", va="center", transform=ax.transAxes, fontsize="small")
+    for ax in axes[-1]:
+        ax.set_xlabel("time (s)")
+    return _save(fig, out / "links.png")
 
 
 def _capacity(out: Path, online: list[dict], slo_ttft: float) -> Path:

@@ -24,12 +24,15 @@ from agents.node import DE_BUFFER_SHARE, DRAM_BYTES
 from agents.scheduling import alpha_tokens, beta_tokens
 from testbed import counters
 from testbed.agentset import RunningCluster
+from testbed.annotations import Annotator, annotator_from_env
 from testbed.cpuwatch import CpuWatch
 from testbed.plan import ClusterPlan
 from testbed.plots import write_plots
 from testbed.profile import ModelProfile, load_profile
+from testbed.prometheus import PrometheusAPI, run_prometheus, utilization_query
 from testbed.report import table
 from testbed.errors import TestbedError
+from testbed.exporter import ClientMetrics
 from testbed.request import (GENERATED_BLOCKS, MISS_BLOCKS, PROMPT_BLOCK_TOKENS, seed_blocks,
                              split)
 from testbed.scenario import REPO, Scenario, Workload, topology_name
@@ -58,6 +61,30 @@ class Agent:
         return sum(t for _, t in self.stored)
 
 
+@dataclass
+class ClientView:
+    """The client's Prometheus metrics for one policy's run."""
+    metrics: ClientMetrics
+    policy: str
+    scale: int
+
+    def turn(self, record: dict) -> None:
+        m, policy = self.metrics, self.policy
+        m.ttft.labels(policy).observe(record["ttft"])
+        if record["ttst"] is not None:
+            m.ttst.labels(policy).observe(record["ttst"])
+        m.tpot.labels(policy).observe(record["tpot"])
+        m.turns.labels(policy, "completed").inc()
+        m.verified.labels(policy).inc(record["prompt_bytes_verified"] * self.scale)
+        m.corrupt.labels(policy).inc(record["corrupt_bytes"] * self.scale)
+
+    def failed(self) -> None:
+        self.metrics.turns.labels(self.policy, "failed").inc()
+
+    def agent_done(self, jct: float) -> None:
+        self.metrics.jct.labels(self.policy).observe(jct)
+
+
 def thresholds(plan: ClusterPlan, profile: ModelProfile, context: int, append: int) -> dict:
     """alpha: 3 s of one node's SNIC; beta: 5 s of one GPU's prefill; a decode GPU's HBM
     and its share of the DE buffer, in tokens."""
@@ -83,7 +110,7 @@ def trace_blocks(agent: Agent, turn: Turn, cache: set[int], base: int,
 
 
 async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict],
-                    started: float, cache: set[int]) -> None:
+                    started: float, cache: set[int], client: ClientView) -> None:
     """Replays an agent's turns one after the other, or one trace request (`cache`: the
     trace blocks stored so far)."""
     await asyncio.sleep(max(0.0, started + agent.arrival - time.time()))
@@ -95,9 +122,13 @@ async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict
             miss = split(turn.context - agent.stored_tokens + turn.append, base + MISS_BLOCKS)
         else:
             hit, miss = trace_blocks(agent, turn, cache, base)
-        result = await acall(scheduler, "submit", request=request, model=model, hit=hit,
-                             miss=miss, generate=turn.generate,
-                             generated_block_base=base + GENERATED_BLOCKS)
+        try:
+            result = await acall(scheduler, "submit", request=request, model=model, hit=hit,
+                                 miss=miss, generate=turn.generate,
+                                 generated_block_base=base + GENERATED_BLOCKS)
+        except BaseException:
+            client.failed()
+            raise
         decode, prefill = result["decode"], result["prefill"]
         agent.stored += miss + [tuple(b) for b in decode["persisted"]]
         cache.update(block for block, _ in miss if block >= TRACE_BLOCKS)
@@ -107,12 +138,16 @@ async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict
             "generated": turn.generate, "path": result["path"], "pe": result["pe"],
             "de": result["de"], "submitted": result["submitted"] - started,
             "ttft": (decode["first_token_wall"] or time.time()) - result["submitted"],
+            "ttst": (decode["second_token_wall"] - result["submitted"]
+                     if decode.get("second_token_wall") else None),
             "tpot": decode["tpot"], "prefill_seconds": prefill["seconds"],
             **{f"prefill_{phase}": seconds for phase, seconds in prefill["timings"].items()},
             "decode_hbm_wait": decode["hbm_wait_seconds"],
             "prompt_bytes_verified": decode["prompt_bytes"],
             "corrupt_bytes": decode["verifier"]["corrupt_bytes"]})
+        client.turn(records[-1])
     agent.finished = time.time() - started
+    client.agent_done(agent.finished - agent.arrival)
 
 
 def replays(workload: Workload, aps: float | None) -> list[Agent]:
@@ -173,7 +208,7 @@ def warm_start(plan: ClusterPlan, profile: ModelProfile, agents: list[Agent],
 
 
 async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenario,
-                       policy: str, workload: list[Agent]) -> dict:
+                       policy: str, workload: list[Agent], client: ClientView) -> dict:
     scheduler = plan.host("sched").address("mgmt")
     profile = load_profile(scenario.model)
     turns = [t for a in workload for t in a.turns]
@@ -185,7 +220,7 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
     records: list[dict] = []
     started = time.time()
     tasks = [asyncio.create_task(run_agent(a, scheduler, scenario.model, records, started,
-                                           cache)) for a in agents]
+                                           cache, client)) for a in agents]
     snic_rate = {n.name: n.interface("snic").rate for n in plan.of_kind("node")}
     timeline: dict[str, list[tuple[float, float]]] = {node: [] for node in snic_rate}
     last = (time.time(), await asyncio.to_thread(counters.nic_bytes, record, "snic", "rx"))
@@ -213,20 +248,29 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
     # Offline the batch's completion; online the mean trajectory's (paper §7).
     jct = (sum(a.finished - a.arrival for a in agents) / len(agents)
            if scenario.workload.timed else max(a.finished for a in agents))
-    return {"policy": policy, "jct": jct, "records": records, "snic_timeline": timeline}
+    return {"policy": policy, "jct": jct, "records": records, "snic_timeline": timeline,
+            "wall": [started, time.time()]}
 
 
-def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float | None) -> dict:
+def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float | None,
+               annotator: Annotator | None = None) -> dict:
     topology = load_topology(REPO / topology_path)
     workload = replays(scenario.workload, aps)
     rate = "" if aps is None else f" at {aps:g} APS"
     print(f"{topology.name} / {policy}{rate}: {len(workload)} agents, "
           f"{sum(len(a.turns) for a in workload)} turns", flush=True)
-    with RunningCluster(topology, topology_path=str(REPO / topology_path)) as fabric:
+    if annotator:
+        annotator.post(f"{scenario.name}: {policy} on {topology.name}{rate}",
+                       f"scenario:{scenario.name}", f"policy:{policy}")
+    cluster = RunningCluster(topology, topology_path=str(REPO / topology_path),
+                             scenario=scenario.name, policy=policy)
+    with cluster as fabric:
         record = FabricRecord.read()
         before = counters.snapshot(record)
+        client = ClientView(cluster.exporter.client, policy, topology.scale)
         with CpuWatch() as cpu:
-            result = asyncio.run(run_workload(fabric.plan, record, scenario, policy, workload))
+            result = asyncio.run(run_workload(fabric.plan, record, scenario, policy, workload,
+                                              client))
         moved = counters.delta(before, counters.snapshot(record))
     snic = {n.name: moved.get((n.name, "snic", "rx"), 0) * topology.scale
             for n in fabric.plan.of_kind("node")}
@@ -235,6 +279,16 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
                   snic_read_bytes=snic,
                   host_cpu=cpu.mean, cpu_warning=cpu.warning())
     return result
+
+
+def link_timelines(prometheus: PrometheusAPI, scenario: str, result: dict) -> dict:
+    """From Prometheus: each node's SNIC read and each GPU's CNIC receive utilization over
+    the run, per second."""
+    start, end = result["wall"]
+    labels = {"scenario": scenario, "policy": result["policy"], "topology": result["topology"]}
+    return {f"{nic} {direction}": prometheus.series(
+                utilization_query(nic, direction, **labels), start, end, label="host")
+            for nic, direction in (("snic", "rx"), ("cnic", "rx"))}
 
 
 def snic_balance(timeline: dict[str, list[tuple[float, float]]], busy: float = 0.2) -> float:
@@ -361,14 +415,14 @@ def meets_slo(summary: dict, workload: Workload) -> bool:
     return summary["ttft"] <= workload.slo_ttft and summary["tpot"] <= workload.slo_tpot
 
 
-def run_all(scenario: Scenario) -> list[dict]:
+def run_all(scenario: Scenario, annotator: Annotator | None = None) -> list[dict]:
     """Every topology x policy x arrival rate; an online sweep of a policy stops at the first
     rate that misses the SLO (the paper's stop rule: TTFT over 4 s)."""
     results = []
     for topology in scenario.topologies:
         for policy in scenario.policies:
             for aps in scenario.workload.levels():
-                results.append(run_policy(scenario, topology, policy, aps))
+                results.append(run_policy(scenario, topology, policy, aps, annotator))
                 if aps is not None and not meets_slo(summarize(results[-1], scenario.workload),
                                                      scenario.workload):
                     print(f"  {policy} misses the SLO at {aps:g} APS: its sweep stops",
@@ -407,14 +461,18 @@ def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> P
     print(f"scenario {scenario.name}: {w.kind}, topologies "
           f"{', '.join(map(topology_name, scenario.topologies))}, policies "
           f"{', '.join(scenario.policies)}{levels}", flush=True)
-    results = run_all(scenario)
+    out = results_root / scenario.name / time.strftime("%Y%m%d-%H%M%S")
+    out.mkdir(parents=True, exist_ok=True)
+    annotator, started = annotator_from_env(), time.time()
+    with run_prometheus(out / "prometheus") as prometheus:
+        results = run_all(scenario, annotator)
+        for result in results:
+            result["links"] = link_timelines(prometheus, scenario.name, result)
     summaries = [summarize(r, w) for r in results]
     offline = [s for s in summaries if s["aps"] is None]
     compared, reduced = comparisons(scenario, offline, results), reductions(scenario, offline)
     capacity = capacities(scenario, summaries) if w.kind == "online" else []
 
-    out = results_root / scenario.name / time.strftime("%Y%m%d-%H%M%S")
-    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(
         {"scenario": scenario.model_dump(), "summaries": summaries, "comparisons": compared,
          "reductions": reduced, "capacities": capacity, "results": results}, indent=1))
@@ -432,6 +490,9 @@ def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> P
         f"# {scenario.name}\n\n{scenario.description}\n\n```\n{text}\n```\n"
         + "".join(f"\n{w}\n" for w in warnings)
         + "".join(f"\n![{f.stem}]({f.name})\n" for f in figures))
+    if annotator:
+        annotator.post(f"scenario {scenario.name}", f"scenario:{scenario.name}",
+                       start=started, end=time.time())
     print("\n" + text)
     for warning in warnings:
         print(warning)

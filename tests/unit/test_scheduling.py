@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 
 from agents.scheduling import (EngineState, Request, alpha_tokens, beta_tokens,
                                choose_read_path, de_group_schedule, de_schedule, pe_schedule,
@@ -100,6 +100,25 @@ def test_hbm_filter_excludes_engines_and_stops_when_none_fits():
     # r1 needs 400: only d1 has room. r2 needs 900: d1 has 600 left, d0 100 -> stop.
     assert names(assigned) == [(1, "d1")]
     assert [r.id for r in private] == [2]
+
+
+def test_placements_are_counted_by_the_category_they_came_from():
+    """What the scheduler exports as dualpath_scheduler_categories_total."""
+    counts = Counter()
+    engines = [EngineState("a0", "A"), EngineState("b0", "B")]
+    waiting = deque([req(i, 60) for i in range(4)])
+    pe_schedule(waiting, engines, {"A": 0, "B": 500}, alpha=100, beta=100, categories=counts)
+    # a0 (short queue) twice, then b0 (long) twice, then every engine is over beta
+    assert counts == Counter(pe_short=2, pe_long=2)
+    pe_schedule(deque([req(9, 1)]), engines, {"A": 0, "B": 500}, 100, 100, categories=counts)
+    assert counts["pe_over_beta"] == 1
+
+    group = [EngineState("d0", "n", tok=0, free_hbm=1_000),
+             EngineState("d1", "n", tok=0, free_hbm=100)]
+    de_schedule(deque([req(1, 100), req(2, 700), req(3, 500)]), group, categories=counts)
+    # Z = 1.05 * 800 / 2 = 420: r1 low (d0, fewest requests), r2 high (only d0 has the
+    # HBM), r3 finds no engine with 500 tokens of HBM left: the fetch stops
+    assert (counts["de_low"], counts["de_high"], counts["de_no_hbm"]) == (1, 1, 1)
 
 
 # -- read path ----------------------------------------------------------------------------
