@@ -70,7 +70,7 @@ def run(agent_class: type[Agent], extra_args=None) -> None:
             loop.add_signal_handler(sig, stop.set)
         await agent.start()
         await serve_control(agent.host.address("mgmt"), agent.control_handlers())
-        await serve_metrics(agent, agent.host.address("mgmt"))
+        serve_metrics(agent, agent.host.address("mgmt"))
         agent.log.info("ready")
         await stop.wait()
         agent.log.info("stopping")

@@ -100,7 +100,7 @@ class SchedulerAgent(Agent):
         read_q = GaugeMetricFamily("dualpath_scheduler_read_queue_tokens",
                                    "Hit tokens assigned to each node's reads and not done",
                                    labels=["read_node"])
-        for node, tokens in self.read_q.items():
+        for node, tokens in list(self.read_q.items()):   # one atomic snapshot
             read_q.add_metric([node], tokens)
         yield from (placements, paths, categories, read_q)
         yield gauge("dualpath_scheduler_waiting_requests", "Requests not yet placed",

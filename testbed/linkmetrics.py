@@ -1,4 +1,4 @@
-"""Prometheus metrics of every emulated link, read over netlink (pyroute2), no `tc` text.
+"""Prometheus metrics of every emulated link, read over rtnetlink (`testbed.rtnl`), no `tc` text.
 
 Each link is a veth pair: the host's end (cnic, snic, pcie, stor) in the host's namespace
 and its switch port on a bridge in the root namespace. Both ends carry an HTB tree: the
@@ -22,10 +22,10 @@ from dataclasses import dataclass
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
-from pyroute2 import IPRoute
 
 from testbed.plan import ClusterPlan
 from testbed.qos import HIGH_CLASS, LINK_CLASS, LOW_CLASS
+from testbed.rtnl import RtnlSocket
 from testbed.state import FabricRecord
 
 CLASS_NAMES = {LINK_CLASS: "link", HIGH_CLASS: "high", LOW_CLASS: "low"}
@@ -38,8 +38,8 @@ class EmulatedLink:
     labels: tuple[str, ...]                 # LINK_LABELS without the direction
     switch_port: str
     rate_bytes: int
-    host_end: tuple[IPRoute, int | None]    # (namespace socket, interface index)
-    switch_end: tuple[IPRoute, int | None]
+    host_end: tuple[RtnlSocket, int | None]    # (namespace socket, interface index)
+    switch_end: tuple[RtnlSocket, int | None]
 
 
 class LinkCollector(Collector):
@@ -48,29 +48,29 @@ class LinkCollector(Collector):
     def __init__(self, record: FabricRecord, plan: ClusterPlan):
         self.scale = plan.topology.scale
         self.topology = record.topology
-        self.root = IPRoute()
-        self.namespaces: dict[str, IPRoute] = {}
+        self.root = RtnlSocket()
+        self.namespaces: dict[str, RtnlSocket] = {}
         self.links: list[EmulatedLink] = []
+        ports = self.root.indexes()
         for host in record.hosts:
             shaped = [i for i in host.interfaces if i["rate"] is not None]   # not mgmt
             if not shaped:
                 continue
-            ipr = self.namespaces[host.name] = IPRoute(netns=f"/proc/{host.pid}/ns/net",
-                                                       flags=0)
+            ns = self.namespaces[host.name] = RtnlSocket(f"/proc/{host.pid}/ns/net")
+            ends = ns.indexes()
             planned = plan.host(host.name)
             for intf in shaped:
                 labels = (host.name, planned.node or "", host.name if host.kind == "gpu" else "",
                           intf["name"], host.role, intf["fabric"])
                 self.links.append(EmulatedLink(
                     labels, intf["switch_port"], intf["rate"] // 8,
-                    (ipr, _index(ipr, intf["name"])),
-                    (self.root, _index(self.root, intf["switch_port"]))))
+                    (ns, ends.get(intf["name"])), (self.root, ports.get(intf["switch_port"]))))
         self.lock = threading.Lock()     # one scrape at a time on the shared sockets
 
     def close(self) -> None:
         with self.lock:
-            for ipr in (self.root, *self.namespaces.values()):
-                ipr.close()
+            for sock in (self.root, *self.namespaces.values()):
+                sock.close()
             self.namespaces.clear()
 
     def collect(self) -> Iterator:
@@ -104,7 +104,7 @@ class LinkCollector(Collector):
         with self.lock:
             if not self.namespaces:      # closed
                 return
-            ports = _link_counters(self.root)
+            ports = self.root.link_counters()
             classes = {(link, direction): _class_counters(*end)
                        for link in self.links
                        for direction, end in (("tx", link.host_end), ("rx", link.switch_end))}
@@ -128,33 +128,9 @@ class LinkCollector(Collector):
                     overlimits, backlog, scale)
 
 
-def _link_counters(ipr: IPRoute) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
-    """Every interface of a namespace: ((rx bytes, rx packets), (tx bytes, tx packets))."""
-    found = {}
-    for link in ipr.get_links():
-        stats = link.get_attr("IFLA_STATS64")
-        found[link.get_attr("IFLA_IFNAME")] = ((stats["rx_bytes"], stats["rx_packets"]),
-                                              (stats["tx_bytes"], stats["tx_packets"]))
-    return found
-
-
-def _index(ipr: IPRoute, ifname: str) -> int | None:
-    found = ipr.link_lookup(ifname=ifname)
-    return found[0] if found else None
-
-
-def _class_counters(ipr: IPRoute, index: int | None) -> dict[str, dict[str, int]]:
-    """The HTB classes of one interface: bytes, packets, drops, overlimits, backlog."""
+def _class_counters(sock: RtnlSocket, index: int | None) -> dict[str, dict[str, int]]:
+    """The HTB classes of one interface that we name (link, high, low)."""
     if index is None:
         return {}
-    found = {}
-    for cls in ipr.get_classes(index=index):
-        name = CLASS_NAMES.get(cls["handle"])
-        stats2 = cls.get_attr("TCA_STATS2")
-        if name is None or stats2 is None:
-            continue
-        basic, queue = stats2.get_attr("TCA_STATS_BASIC"), stats2.get_attr("TCA_STATS_QUEUE")
-        found[name] = {"bytes": basic["bytes"], "packets": basic["packets"],
-                       "drops": queue["drops"], "overlimits": queue["overlimits"],
-                       "backlog": queue["backlog"]}
-    return found
+    return {CLASS_NAMES[handle]: stats for handle, stats in sock.class_counters(index).items()
+            if handle in CLASS_NAMES}
