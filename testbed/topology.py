@@ -118,6 +118,13 @@ def _show(value: Any) -> str:
     return shown if len(shown) <= 60 else shown[:57] + "..."
 
 
+def _field_part(part: Any) -> str:
+    """A field name as written, or quoted when it would not read as one (a key of spaces,
+    a newline, an empty string)."""
+    text = str(part)
+    return text if text and text.isprintable() and text.strip() == text else repr(part)
+
+
 def _known_fields(loc: tuple, root: type[BaseModel] = Topology) -> list[str]:
     """The field names allowed where `loc` points in `root` (for 'did you mean')."""
     model: Any = root
@@ -130,7 +137,7 @@ def _known_fields(loc: tuple, root: type[BaseModel] = Topology) -> list[str]:
 def _describe_error(error: dict[str, Any], root: type[BaseModel] = Topology) -> str:
     """One pydantic error of validating `root` (a Topology unless told) as one line."""
     loc = tuple(error["loc"])
-    field = ".".join(str(part) for part in loc) or "(top level)"
+    field = ".".join(map(_field_part, loc)) or "(top level)"
     message = error["msg"].removeprefix("Value error, ")
     value = error.get("input")
     if error["type"] == "missing":
