@@ -386,7 +386,7 @@ def report_text(scenario: Scenario, summaries: list[dict], compared: list[dict],
                               "PAPER SPEEDUP"],
                              [[c["topology"], f"{c['speedup']:.2f}x", f"{c['snic_bound']:.2f}x",
                                _optional(c["compute_bound"], ".2f"), _optional(c["limit"], ".2f"),
-                               _optional(c["share_of_limit"], ".0%"),
+                               _optional(c["share_of_limit"], ".1%"),
                                _optional(c["paper_speedup"], ".2f")] for c in compared]))
     if reduced and scenario.paper and scenario.paper.reduction:
         parts.append(f"JCT reduction against basic{source}:\n"
