@@ -31,6 +31,19 @@ from testbed.state import FabricRecord
 CLASS_NAMES = {LINK_CLASS: "link", HIGH_CLASS: "high", LOW_CLASS: "low"}
 LINK_LABELS = ("host", "node", "gpu", "nic", "role", "fabric", "direction")
 CLASS_LABELS = LINK_LABELS + ("class",)
+# Each counter of an HTB class (testbed.rtnl): its metric family, name and help.
+CLASS_FAMILIES = {
+    "bytes": (CounterMetricFamily, "dualpath_link_class_bytes",
+              "Bytes an HTB class of the link sent"),
+    "packets": (CounterMetricFamily, "dualpath_link_class_packets",
+                "Packets an HTB class of the link sent"),
+    "drops": (CounterMetricFamily, "dualpath_link_class_drops",
+              "Packets an HTB class of the link dropped"),
+    "overlimits": (CounterMetricFamily, "dualpath_link_class_overlimits",
+                   "Times an HTB class of the link was over its rate"),
+    "backlog": (GaugeMetricFamily, "dualpath_link_class_backlog_bytes",
+                "Bytes queued in an HTB class of the link"),
+}
 
 
 @dataclass(frozen=True, eq=False)
@@ -83,20 +96,8 @@ class LinkCollector(Collector):
         rate = GaugeMetricFamily(
             "dualpath_link_rate_bytes", "Configured (emulated) rate of the link, bytes/s",
             labels=LINK_LABELS)
-        class_bytes = CounterMetricFamily(
-            "dualpath_link_class_bytes", "Bytes an HTB class of the link sent", labels=CLASS_LABELS)
-        class_packets = CounterMetricFamily(
-            "dualpath_link_class_packets", "Packets an HTB class of the link sent",
-            labels=CLASS_LABELS)
-        drops = CounterMetricFamily(
-            "dualpath_link_class_drops", "Packets an HTB class of the link dropped",
-            labels=CLASS_LABELS)
-        overlimits = CounterMetricFamily(
-            "dualpath_link_class_overlimits", "Times an HTB class of the link was over its rate",
-            labels=CLASS_LABELS)
-        backlog = GaugeMetricFamily(
-            "dualpath_link_class_backlog_bytes", "Bytes queued in an HTB class of the link",
-            labels=CLASS_LABELS)
+        per_class = {stat: kind(name, documentation, labels=CLASS_LABELS)
+                     for stat, (kind, name, documentation) in CLASS_FAMILIES.items()}
         scale = GaugeMetricFamily(
             "dualpath_fabric_scale", "Real-cluster bytes per emulated byte", labels=("topology",))
         scale.add_metric((self.topology,), self.scale)
@@ -118,14 +119,9 @@ class LinkCollector(Collector):
                 link_packets.add_metric(full, sent_packets)
                 rate.add_metric(full, link.rate_bytes)
                 for cls, stats in classes[(link, direction)].items():
-                    one = full + (cls,)
-                    class_bytes.add_metric(one, stats["bytes"])
-                    class_packets.add_metric(one, stats["packets"])
-                    drops.add_metric(one, stats["drops"])
-                    overlimits.add_metric(one, stats["overlimits"])
-                    backlog.add_metric(one, stats["backlog"])
-        yield from (link_bytes, link_packets, rate, class_bytes, class_packets, drops,
-                    overlimits, backlog, scale)
+                    for stat, family in per_class.items():
+                        family.add_metric(full + (cls,), stats[stat])
+        yield from (link_bytes, link_packets, rate, *per_class.values(), scale)
 
 
 def _class_counters(sock: RtnlSocket, index: int | None) -> dict[str, dict[str, int]]:

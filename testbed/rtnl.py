@@ -84,9 +84,8 @@ class RtnlSocket:
                     return
                 yield payload
 
-    def link_counters(self) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
-        """Every interface: ((rx bytes, rx packets), (tx bytes, tx packets))."""
-        found = {}
+    def links(self) -> Iterator[tuple[int, str, tuple | None]]:
+        """Every interface: (index, name, rtnl_link_stats64's first four fields or None)."""
         for payload in self.dump(RTM_GETLINK, IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
             name = stats = None
             for kind, value in attributes(payload, IFINFOMSG.size):
@@ -94,7 +93,14 @@ class RtnlSocket:
                     name = value.rstrip(b"\0").decode()
                 elif kind == IFLA_STATS64:
                     stats = LINK_STATS.unpack_from(value)
-            if name and stats:
+            if name:
+                yield IFINFOMSG.unpack_from(payload)[2], name, stats
+
+    def link_counters(self) -> dict[str, tuple[tuple[int, int], tuple[int, int]]]:
+        """Every interface: ((rx bytes, rx packets), (tx bytes, tx packets))."""
+        found = {}
+        for _index, name, stats in self.links():
+            if stats:
                 rx_packets, tx_packets, rx_bytes, tx_bytes = stats
                 found[name] = ((rx_bytes, rx_packets), (tx_bytes, tx_packets))
         return found
@@ -121,10 +127,4 @@ class RtnlSocket:
 
     def indexes(self) -> dict[str, int]:
         """Every interface's index, by name."""
-        found = {}
-        for payload in self.dump(RTM_GETLINK, IFINFOMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
-            index = IFINFOMSG.unpack_from(payload)[2]
-            for kind, value in attributes(payload, IFINFOMSG.size):
-                if kind == IFLA_IFNAME:
-                    found[value.rstrip(b"\0").decode()] = index
-        return found
+        return {name: index for index, name, _stats in self.links()}
