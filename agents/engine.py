@@ -98,12 +98,28 @@ class EngineAgent(Agent):
                          "prefill_batches": 0, "prefill_requests": 0, "compute_seconds": 0.0}
         await protocol.serve(self.on_all_to_all, self.host.address("cnic"), ALL_TO_ALL_PORT,
                              protocol.DSCP_EF)
-        group = [h for h in self.plan.of_kind("gpu") if h.node == self.host.node]
-        if group[0].name == self.host.name:       # rank 0 leads its node's engine group
-            asyncio.create_task(self.lead())
+        self.work: dict[int, asyncio.Task] = {}   # request -> the call running its part
+        self.running_batch: PrefillBatch | None = None
+        self.leading = asyncio.create_task(self.lead())
 
     def control_handlers(self) -> dict:
-        return {**super().control_handlers(), "prefill": self.prefill, "decode": self.decode}
+        return {**super().control_handlers(), "prefill": self.prefill, "decode": self.decode,
+                "reset": self.reset}
+
+    async def reset(self, _message: dict) -> dict:
+        """A new scheduler abandons what an earlier one placed: stop every request's part."""
+        tasks = list(self.work.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return {"dropped": len(tasks)}
+
+    async def abandon(self, run: "PrefillRun") -> None:
+        if run in self.prefill_queue:
+            self.prefill_queue.remove(run)
+        if self.running_batch and run in self.running_batch.runs:
+            self.running_batch.runs.remove(run)
+        await run.fail(RuntimeError(f"request {run.request} abandoned"))
 
     async def stats(self, _message: dict) -> dict:
         return {**self.counters, **self.verifier.stats(), "role": self.role,
@@ -167,17 +183,32 @@ class EngineAgent(Agent):
 
     # -- the group leader: pulls work for its node's engines (§5.1) ------------------------
     async def lead(self) -> None:
+        """Rank 0 leads; a higher rank leads while every rank below it is gone."""
         scheduler = self.address("sched", "mgmt")
+        group = [h for h in self.plan.of_kind("gpu") if h.node == self.host.node]
+        lower = group[:group.index(self.host)]
         while True:
+            if lower and await self.any_answers(lower):
+                await asyncio.sleep(IDLE_FETCH_SECONDS)
+                continue
             try:
                 reply = await acall(scheduler, "fetch", timeout=10, group=self.host.node,
-                                    role=self.role)
+                                    role=self.role, engine=self.host.name)
             except (OSError, RuntimeError):
                 await asyncio.sleep(IDLE_FETCH_SECONDS)      # no scheduler running
                 continue
             for work in reply["assignments"]:
                 asyncio.create_task(self.hand_over(scheduler, work))
             await asyncio.sleep(FETCH_SECONDS)
+
+    async def any_answers(self, hosts) -> bool:
+        async def answers(host) -> bool:
+            try:
+                await acall(host.address("mgmt"), "ping", timeout=IDLE_FETCH_SECONDS)
+                return True
+            except (OSError, RuntimeError):
+                return False
+        return any(await asyncio.gather(*map(answers, hosts)))
 
     async def hand_over(self, scheduler: str, work: dict) -> None:
         """Give one assignment to its engine in this group; tell the scheduler how it ended."""
@@ -235,11 +266,18 @@ class EngineAgent(Agent):
     async def prefill(self, m: dict) -> dict:
         """Queue a request for prefill; answers when its KV has left for the decode node."""
         queued = PrefillRun(self, m)
+        self.work[queued.request] = asyncio.current_task()
         self.prefill_queue.append(queued)
         self.prefetch()
         if self.prefilling is None or self.prefilling.done():
             self.prefilling = asyncio.create_task(self.prefill_loop())
-        return await queued.done
+        try:
+            return await asyncio.shield(queued.done)
+        except asyncio.CancelledError:
+            await self.abandon(queued)
+            raise
+        finally:
+            self.work.pop(queued.request, None)
 
     async def prefill_loop(self) -> None:
         """Forward batches, one at a time, FIFO, while requests wait."""
@@ -255,12 +293,15 @@ class EngineAgent(Agent):
                 budget -= head.attention_seconds
                 batch.append(self.prefill_queue.popleft())
             self.prefetch()
+            self.running_batch = PrefillBatch(self, batch)
             try:
-                await PrefillBatch(self, batch).run()
+                await self.running_batch.run()
             except Exception as exc:   # a bug, not a request's failure: fail the batch loudly
                 self.log.exception("prefill batch failed")
                 for member in batch:
                     await member.fail(exc)
+            finally:
+                self.running_batch = None
 
     def prefetch(self) -> None:
         """Start the loads of the queue's head, up to PREFETCH_SECONDS of attention time and
@@ -293,6 +334,7 @@ class EngineAgent(Agent):
         oracle = bool(m.get("oracle"))
         need = sum(t for _, t in prompt) + generate
         self.unfinished[request] = need
+        self.work[request] = asyncio.current_task()
         started = time.monotonic()
         fetched = verify_seconds = 0
         h2d_window = None
@@ -330,6 +372,7 @@ class EngineAgent(Agent):
                 await job.done
                 await asyncio.gather(*job.persisting)
         finally:
+            self.work.pop(request, None)
             self.batch.pop(request, None)
             self.unfinished.pop(request, None)
             if allocated:
@@ -458,6 +501,8 @@ class PrefillRun:
 
     def finish(self) -> None:
         self._close()
+        if self.done.done():
+            return
         self.done.set_result({"seconds": time.monotonic() - self.started,
                               "timings": self.timings, **self.moved,
                               "verifier": self.engine.verifier.stats()})
@@ -758,7 +803,8 @@ class DecodeJob:
                 self.persisting.append(asyncio.create_task(engine.persist(self, block)))
         if self.generated >= self.generate:
             engine.batch.pop(self.request, None)
-            self.done.set_result(None)
+            if not self.done.done():      # (a decode abandoned mid-step has cancelled it)
+                self.done.set_result(None)
 
 
 if __name__ == "__main__":

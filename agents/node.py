@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from prometheus_client.core import CounterMetricFamily
 
 from agents import protocol
+from agents.links import link_up
 from agents.metrics import counter, gauge, labelled, verifier_metrics
 from agents.kv import Block, Geometry, Verifier, full_block_frame, layer_frame, parse_blocks, placement
 from agents.protocol import Frame, MessageType, PeerError, ProtocolError
@@ -32,6 +33,9 @@ DRAM_BYTES = 80e9          # real-cluster DRAM buffer per node (paper: 80 GB for
 DE_BUFFER_SHARE = 0.5
 PROMPT_TIMEOUT = 600.0
 RESERVE_TIMEOUT = 600.0
+# A storage host that did not answer is passed over for this long: reads go to its replicas
+# at once, instead of each waiting for a connection to time out.
+UNREACHABLE_SECONDS = 5.0
 
 
 class Buffer:
@@ -128,6 +132,7 @@ class NodeAgent(Agent):
         self.write_links = {h: StorageLink(self.address(h, "stor")) for h in self.storage_hosts}
         self.prompts: dict[int, Prompt] = {}
         self.dropped: set[int] = set()         # requests that failed: never wait for them
+        self.unreachable: dict[str, tuple[float, str]] = {}   # storage host -> (until, why)
         self.read_queue_tokens = 0
         self.verifier = Verifier()
         self.counters = {"storage_read_bytes": 0, "storage_write_bytes": 0,
@@ -138,6 +143,22 @@ class NodeAgent(Agent):
                            if g.node == self.host.name}
         await protocol.serve(self.session, self.host.address("pcie"), NODE_PORT,
                              protocol.DSCP_CS1)
+
+    def control_handlers(self) -> dict:
+        return {**super().control_handlers(), "drop": self.drop_requests, "reset": self.reset}
+
+    async def drop_requests(self, message: dict) -> dict:
+        """The scheduler gave these requests up: free their DRAM, fail a FETCH waiting."""
+        for request in message["requests"]:
+            await self.drop(int(request), failed=True)
+        return {"dropped": len(message["requests"])}
+
+    async def reset(self, _message: dict) -> dict:
+        """A new scheduler abandons everything its predecessor placed: forget every prompt."""
+        requests = list(self.prompts)
+        for request in requests:
+            await self.drop(request, failed=True)
+        return {"dropped": len(requests)}
 
     async def stats(self, _message: dict) -> dict:
         return {**self.counters, **self.verifier.stats(), "read_queue_tokens": self.read_queue_tokens,
@@ -166,7 +187,21 @@ class NodeAgent(Agent):
         yield from verifier_metrics(self.verifier, scale)
 
     def prompt(self, request: int) -> Prompt:
+        if request in self.dropped:
+            raise PeerError(f"request {request} was given up")
         return self.prompts.setdefault(request, Prompt())
+
+    async def hold(self, request: int, size: int) -> Prompt:
+        """Room in DRAM for `size` bytes of the request's KV, charged to its prompt (which
+        a drop while this waited has taken away: then the room goes back)."""
+        await self.buffer.reserve(size)
+        try:
+            prompt = self.prompt(request)
+        except PeerError:
+            await self.buffer.free(size)
+            raise
+        prompt.size += size
+        return prompt
 
     async def drop(self, request: int, failed: bool = False) -> None:
         prompt = self.prompts.pop(request, None)
@@ -181,35 +216,50 @@ class NodeAgent(Agent):
 
     # -- storage ----------------------------------------------------------------------------
     async def read_blocks(self, request: int, geometry: Geometry, blocks: list[Block]) -> dict[int, bytes]:
-        """Full Blocks from storage, each from the first replica that has it whole."""
+        """Full Blocks from storage, each from the first replica that has it whole; a replica
+        on a host that did not answer lately is tried last."""
+        if not link_up("snic"):
+            raise PeerError(f"{self.host.name}'s SNIC is down: cannot read from storage")
         tokens = sum(t for _, t in blocks)
         self.read_queue_tokens += tokens
         try:
-            size = geometry.blocks_bytes(blocks)
-            await self.buffer.reserve(size)
-            self.prompt(request).size += size
+            await self.hold(request, geometry.blocks_bytes(blocks))
             got: dict[int, bytes] = {}
             pending = list(blocks)
+            tried: dict[int, set[str]] = {}
+            reasons: list[str] = []
             for attempt in range(self.replicas):
                 by_host: dict[str, list[Block]] = {}
                 for block in pending:
-                    hosts = placement(block[0], self.storage_hosts, self.replicas)
-                    by_host.setdefault(hosts[attempt % len(hosts)], []).append(block)
+                    hosts = self.by_reachability(placement(block[0], self.storage_hosts,
+                                                           self.replicas))
+                    host = next((h for h in hosts if h not in tried.setdefault(block[0], set())),
+                                None)
+                    if host:
+                        tried[block[0]].add(host)
+                        by_host.setdefault(host, []).append(block)
                 results = await asyncio.gather(
                     *(self._read_from(h, request, geometry, bs, got) for h, bs in by_host.items()),
                     return_exceptions=True)
-                failures = [r for r in results if isinstance(r, Exception)]
+                reasons += [str(r) for r in results if isinstance(r, Exception)]
                 pending = [b for b in pending if b[0] not in got]
                 if not pending:
                     return got
                 if attempt == self.replicas - 1:
-                    raise PeerError("; ".join(str(f) for f in failures) or "blocks missing")
+                    raise PeerError("; ".join(dict.fromkeys(reasons)) or "blocks missing")
             return got
         finally:
             self.read_queue_tokens -= tokens
 
+    def by_reachability(self, hosts: list[str]) -> list[str]:
+        now = time.monotonic()
+        return sorted(hosts, key=lambda h: self.unreachable.get(h, (0.0, ""))[0] > now)
+
     async def _read_from(self, host: str, request: int, geometry: Geometry, blocks: list[Block],
                          got: dict[int, bytes]) -> None:
+        until, why = self.unreachable.get(host, (0.0, ""))
+        if until > time.monotonic():
+            raise PeerError(f"storage host {host} unreachable: {why}")
         tokens = dict(blocks)
         order = iter(blocks)
 
@@ -223,17 +273,38 @@ class NodeAgent(Agent):
 
         read = protocol.control(MessageType.READ, {"geometry": geometry.to_json(),
                                                    "blocks": blocks}, request)
-        await self.links[host].exchange([read], keep, len(blocks))
+        try:
+            await self.links[host].exchange([read], keep, len(blocks))
+        except (OSError, asyncio.IncompleteReadError, ProtocolError) as exc:
+            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+            self.unreachable[host] = (time.monotonic() + UNREACHABLE_SECONDS, why)
+            self.log.warning("storage host %s unreachable: %s", host, why)
+            raise PeerError(f"storage host {host} unreachable: {why}") from None
 
     async def write_block(self, geometry: Geometry, block: Block, payload: bytes) -> None:
+        """To every replica that answers; it fails only if none took the block (a read
+        later finds it on the replicas that did)."""
         frame = full_block_frame(geometry, block, payload=payload)
         frame.type = MessageType.WRITE
-        for host in placement(block[0], self.storage_hosts, self.replicas):
+        failures, hosts = [], placement(block[0], self.storage_hosts, self.replicas)
+        for host in hosts:
+            until, why = self.unreachable.get(host, (0.0, ""))
+            if until > time.monotonic():
+                failures.append(f"{host} unreachable: {why}")
+                continue
             try:
                 await self.write_links[host].exchange([frame], lambda _ack: None, 1)
-            except (ProtocolError, OSError, asyncio.IncompleteReadError) as exc:
-                raise PeerError(f"writing block {block[0]} to {host}: {exc}") from None
+            except (ProtocolError, OSError, asyncio.IncompleteReadError, PeerError) as exc:
+                if not isinstance(exc, PeerError):
+                    self.unreachable[host] = (time.monotonic() + UNREACHABLE_SECONDS, str(exc))
+                failures.append(f"{host}: {type(exc).__name__}: {exc}")
+                continue
             self.counters["storage_write_bytes"] += len(payload)
+        if len(failures) == len(hosts):
+            raise PeerError(f"writing block {block[0]}: " + "; ".join(failures))
+        if failures:
+            self.log.warning("block %d written to fewer replicas: %s", block[0],
+                             "; ".join(failures))
 
     async def write_blocks(self, geometry: Geometry, blocks: list[tuple[Block, bytes]]) -> None:
         for block, payload in blocks:
@@ -306,9 +377,7 @@ class NodeAgent(Agent):
         persist = parse_blocks(body.get("persist", []))
         prompt = self.prompt(frame.request)
         try:
-            size = geometry.blocks_bytes(blocks)
-            await self.buffer.reserve(size)
-            prompt.size += size
+            prompt = await self.hold(frame.request, geometry.blocks_bytes(blocks))
             for layer in range(geometry.layers):
                 data = await protocol.expect(reader, MessageType.LAYER_DATA)
                 if data.layer != layer or data.count != len(blocks):

@@ -194,13 +194,28 @@ async def expect(reader: asyncio.StreamReader, *types: MessageType) -> Frame:
 
 # -- sockets marked with their traffic class ---------------------------------------------------
 
+# A peer that vanishes (its link down, its host gone) leaves no FIN or RST behind: the
+# kernel gives up on the connection once sent data or keepalive probes have gone unanswered
+# this long, and the waiting side sees a ConnectionError instead of hanging for minutes. A
+# live peer acknowledges probes however busy it is, and a short link flap is survived.
+DEAD_PEER_SECONDS = 15
+KEEPALIVE_IDLE_SECONDS, KEEPALIVE_INTERVAL_SECONDS = 5, 2
+
+
 def _mark(sock: socket.socket, dscp: int) -> None:
     sock.setsockopt(socket.IPPROTO_IP, socket.IP_TOS, dscp << 2)
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    # Options of a listening socket are inherited by the connections it accepts.
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT,
+                    (DEAD_PEER_SECONDS - KEEPALIVE_IDLE_SECONDS) // KEEPALIVE_INTERVAL_SECONDS)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_SECONDS * 1000)
 
 
 async def open_connection(host: str, port: int, dscp: int,
-                          timeout: float = 10.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+                          timeout: float = 5.0) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
     """A TCP connection whose every packet, the handshake included, carries `dscp`."""
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     _mark(sock, dscp)

@@ -8,8 +8,10 @@ import logging
 import os
 import signal
 import sys
+import uuid
 from collections.abc import Iterator
 
+from agents.links import link_up
 from agents.metrics import agent_registry, serve_metrics
 from testbed.plan import ClusterPlan, Host, build_plan
 from testbed.topology import Topology
@@ -28,6 +30,7 @@ class Agent:
         self.args = args
         self.log = logging.getLogger(f"{self.name}:{host.name}")
         self.registry = agent_registry()     # histograms an agent keeps register here
+        self.instance = uuid.uuid4().hex      # a restarted agent answers with a new one
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -43,7 +46,12 @@ class Agent:
         return {"ping": self.ping, "stats": self.stats}
 
     async def ping(self, _message: dict) -> dict:
-        return {"agent": self.name, "host": self.host.name}
+        """Who answers, which run of it, and whether each of its fabric links is up."""
+        return {"agent": self.name, "host": self.host.name, "instance": self.instance,
+                "links": self.link_states()}
+
+    def link_states(self) -> dict[str, bool]:
+        return {i.name: link_up(i.name) for i in self.host.interfaces if i.fabric != "mgmt"}
 
     def address(self, host: str, intf: str) -> str:
         return self.plan.host(host).address(intf)

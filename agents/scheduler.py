@@ -19,6 +19,13 @@ what is placed on it and not yet decoded: placements run ahead of HBM by at most
 so waiting prompts never take the DRAM that the DE read path loads into. (Without that bound
 placements ran ahead and stalled the DE read path; reserving HBM at placement instead makes
 every second of prefill latency a second of HBM held idle.)
+
+Faults (`agents.health` watches every engine and node): work is placed only on engines whose
+agent, CNIC, node agent and PCIe link are up, and read only on nodes whose SNIC is up; a
+dual-path policy reads on the other side when one side's SNIC is down. A request in flight
+on an agent that went away is given up with the reason: its accounting is undone, its KV
+dropped on the nodes that hold it, and the client told, which may submit it again. A
+scheduler that starts tells every engine and node to abandon what an earlier one placed.
 """
 
 from __future__ import annotations
@@ -31,6 +38,8 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from agents.control import acall
+from agents.health import ClusterHealth
 from agents.kv import parse_blocks
 from agents.metrics import gauge
 from agents.policies import load_policy
@@ -48,6 +57,8 @@ class Pending:
     path: str | None = None
     reads: dict[str, int] = field(default_factory=dict)   # node -> hit tokens it reads
     results: dict = field(default_factory=dict)
+    open: set[str] = field(default_factory=set)      # phases placed and not ended
+    via: dict[str, str] = field(default_factory=dict)  # phase -> the engine handing it over
     done: asyncio.Future = field(default_factory=lambda: asyncio.get_running_loop().create_future())
 
 
@@ -63,12 +74,28 @@ class SchedulerAgent(Agent):
         self.read_q = {n.name: 0 for n in self.plan.of_kind("node")}   # tokens
         self.pending: dict[int, Pending] = {}
         self.decisions = {"prefill": 0, "decode": 0, "pe": 0, "de": 0, "split": 0}
+        self.given_up: dict[int, set[str]] = {}     # request -> nodes that may hold its KV
         self.configure_from({"policy": self.args.policy, "alpha": 0, "beta": 1 << 60,
                              "hbm_tokens": 1 << 60, "buffer_tokens": 0})
+        watched = [*gpus, *self.plan.of_kind("node")]
+        self.health = ClusterHealth({h.name: h.address("mgmt") for h in watched},
+                                    on_lost=self.lost, on_found=self.found)
+        abandoned = await asyncio.gather(*(self.reset(h.name) for h in watched))
+        if any(abandoned):
+            self.log.warning("abandoned what an earlier scheduler placed: %d requests",
+                             sum(abandoned))
+        self.watching = asyncio.create_task(self.health.watch())
 
     def control_handlers(self) -> dict:
         return {**super().control_handlers(), "configure": self.configure,
                 "submit": self.submit, "fetch": self.fetch, "complete": self.complete}
+
+    async def reset(self, host: str) -> int:
+        try:
+            reply = await acall(self.address(host, "mgmt"), "reset", timeout=5)
+        except (OSError, RuntimeError):
+            return 0           # not running yet (a fresh cluster), or gone
+        return reply.get("dropped", 0)
 
     async def stats(self, _message: dict) -> dict:
         return {"policy": self.policy.name, "pending": len(self.pending),
@@ -151,21 +178,50 @@ class SchedulerAgent(Agent):
 
     # -- engine groups ----------------------------------------------------------------------
     async def fetch(self, m: dict) -> dict:
-        """A group leader pulls its group's new work."""
-        group, role = m["group"], m["role"]
+        """A group leader (`engine`) pulls its group's new work."""
+        group, role, via = m["group"], m["role"], m.get("engine", "")
         if role == "decode":
-            assigned = self.policy.place_decode(self.global_de, self.groups["decode"],
-                                                self.private, group)
+            groups = self.usable_groups("decode")
+            if group not in groups:
+                return {"assignments": []}
+            assigned = self.policy.place_decode(self.global_de, groups, self.private, group)
             for r, de in assigned:
-                self.pending[r.id].de = de
+                p = self.pending[r.id]
+                p.de = de
+                p.open.add("decode")
                 self.pe_waiting.append(r)    # now it may be prefilled: its KV has somewhere to go
             work, self.ready[group] = self.ready[group], []
+            for item in work:
+                self.pending[item["args"]["request"]].via["decode"] = via
         else:
-            assigned = self.policy.place_prefill(self.pe_waiting, self.groups["prefill"][group],
-                                                 dict(self.read_q), self.alpha, self.beta)
-            work = [self.prefill_work(r, pe) for r, pe in assigned]
+            engines = self.usable_groups("prefill").get(group)
+            if not engines:
+                return {"assignments": []}
+            assigned = self.policy.place_prefill(self.pe_waiting, engines, dict(self.read_q),
+                                                 self.alpha, self.beta)
+            work = [w for r, pe in assigned if (w := self.prefill_work(r, pe, via))]
         self.decisions[role] += len(assigned)
         return {"assignments": work}
+
+    def usable(self, engine: EngineState) -> bool:
+        """Its agent, its CNIC, its node's agent and PCIe link all up."""
+        h = self.health
+        return h[engine.name].link("cnic") and h[engine.node].link("pcie")
+
+    def can_read(self, node: str) -> bool:
+        return self.health[node].link("snic")
+
+    def usable_groups(self, role: str) -> dict[str, list[EngineState]]:
+        """Per group, its usable engines; a decode group with none gives its waiting
+        requests back to the global queue, for the other groups."""
+        groups = {}
+        for group, engines in self.groups[role].items():
+            if up := [e for e in engines if self.usable(e)]:
+                groups[group] = up
+            elif role == "decode" and self.private[group]:
+                self.global_de.extendleft(reversed(self.private[group]))
+                self.private[group].clear()
+        return groups
 
     def decode_work(self, p: Pending) -> dict:
         r, b = p.request, p.body
@@ -174,14 +230,25 @@ class SchedulerAgent(Agent):
             "generate": r.generate, "generated_block_base": b["generated_block_base"],
             "oracle": self.policy.oracle, "hbm_tokens": self.hbm_tokens}}
 
-    def prefill_work(self, r: Request, pe: EngineState) -> dict:
+    def prefill_work(self, r: Request, pe: EngineState, via: str) -> dict | None:
         p = self.pending[r.id]
-        p.pe = pe
+        p.pe, p.via["prefill"] = pe, via
+        p.open.add("prefill")
         p.path = self.policy.read_path(pe, p.de, self.read_q)
-        self.decisions[p.path] += 1
         b = p.body
         share = (self.policy.pe_share(pe, p.de, self.read_q, r.context)
                  if p.path == "split" else None)
+        if self.policy.dual_path and r.context:
+            # DualPath's second path as failover: read where a SNIC is up.
+            pe_ok, de_ok = self.can_read(pe.node), self.can_read(p.de.node)
+            if not (pe_ok or de_ok):
+                self.give_up(p, f"no SNIC to read with: {pe.node} and {p.de.node} both down")
+                return None
+            if not pe_ok:
+                p.path, share = "de", None
+            elif not de_ok:
+                p.path, share = "pe", None
+        self.decisions[p.path] += 1
         reads = read_plan(p.path, parse_blocks(b["hit"]), pe.node, p.de.node, share)
         for node, blocks in reads:
             p.reads[node] = sum(t for _, t in blocks)
@@ -192,32 +259,83 @@ class SchedulerAgent(Agent):
             "oracle": self.policy.oracle, "layerwise": self.policy.layerwise}}
 
     async def complete(self, m: dict) -> dict:
-        p = self.pending.get(int(m["request"]))
-        if p is None:
+        request = int(m["request"])
+        p = self.pending.get(request)
+        if p is None or p.done.done():
+            # Given up while it ran: whatever it left in DRAM goes too.
+            self.drop_kv(request, self.given_up.get(request, set()))
             return {"known": False}
-        r, op = p.request, m["phase"]
+        op = m["phase"]
         engine = p.pe if op == "prefill" else p.de
-        engine.seq -= 1
-        engine.tok -= r.tokens
+        self.close(p, op)
+        if m.get("error"):
+            self.give_up(p, f"{op} on {engine.name}: {m['error']}")
+            return {"known": True}
+        p.results[op] = m["result"]
         if op == "prefill":
+            self.ready[p.de.node].append(self.decode_work(p))
+        elif "prefill" in p.results:
+            p.done.set_result(None)
+        return {"known": True}
+
+    # -- ends -------------------------------------------------------------------------------
+    def close(self, p: Pending, phase: str) -> None:
+        """A placed phase ended: its engine's and read queues' accounting is undone."""
+        if phase not in p.open:
+            return
+        p.open.discard(phase)
+        r = p.request
+        if phase == "prefill":
+            p.pe.seq -= 1
+            p.pe.tok -= r.tokens
             for node, tokens in p.reads.items():
                 self.read_q[node] -= tokens
-            if not m.get("error"):
-                self.ready[p.de.node].append(self.decode_work(p))
-            else:   # its decode will never run: give back what its placement reserved
-                p.de.seq -= 1
-                p.de.tok -= r.tokens
-                p.de.free_hbm += r.hbm_need
         else:
-            engine.free_hbm += r.hbm_need
-        if m.get("error"):
-            if not p.done.done():
-                p.done.set_exception(RuntimeError(f"{op} on {engine.name}: {m['error']}"))
-        else:
-            p.results[op] = m["result"]
-            if {"prefill", "decode"} <= p.results.keys() and not p.done.done():
-                p.done.set_result(None)
-        return {"known": True}
+            p.de.seq -= 1
+            p.de.tok -= r.tokens
+            p.de.free_hbm += r.hbm_need
+
+    def give_up(self, p: Pending, reason: str) -> None:
+        """Fail a request with `reason`, wherever it is: queued, placed or running."""
+        if p.done.done():
+            return
+        r = p.request
+        nodes = set(p.reads) | {e.node for e in (p.pe, p.de) if e}
+        for phase in list(p.open):
+            self.close(p, phase)
+        for queue in (self.global_de, self.pe_waiting, *self.private.values()):
+            if r in queue:
+                queue.remove(r)
+        for group, work in self.ready.items():
+            self.ready[group] = [w for w in work if w["args"]["request"] != r.id]
+        self.given_up[r.id] = nodes
+        self.drop_kv(r.id, nodes)
+        self.log.warning("request %d failed: %s", r.id, reason)
+        p.done.set_exception(RuntimeError(reason))
+
+    def drop_kv(self, request: int, nodes: set[str]) -> None:
+        for node in nodes:
+            asyncio.create_task(self.drop_on(node, request))
+
+    async def drop_on(self, node: str, request: int) -> None:
+        try:
+            await acall(self.address(node, "mgmt"), "drop", timeout=10, requests=[request])
+        except (OSError, RuntimeError) as exc:
+            self.log.info("could not drop request %d on %s: %s", request, node, exc)
+
+    def lost(self, host: str, reason: str) -> None:
+        """An engine or node went away: every request it had a part in fails."""
+        for p in list(self.pending.values()):
+            involved = set()
+            if "prefill" in p.open:
+                involved |= {p.pe.name, p.pe.node, p.de.node, p.via.get("prefill"), *p.reads}
+            if "decode" in p.open:
+                involved |= {p.de.name, p.de.node, p.via.get("decode")}
+            if host in involved:
+                self.give_up(p, f"lost {reason}")
+
+    def found(self, host: str) -> None:
+        self.log.info("%s registered: %s", host, self.health[host].links)
 
 
 def _args(parser: argparse.ArgumentParser) -> None:

@@ -1,0 +1,85 @@
+"""What the scheduler knows of the cluster's health: which engine and node agents answer,
+which run of each (a restarted agent has a new instance), and which of their links are up.
+
+Each agent is pinged on the management network every HEALTH_SECONDS. A refused or reset
+connection means the agent is gone; a ping that times out counts as a miss, and only
+MISSED_PINGS in a row count as gone, since a saturated host answers late. `on_lost` is called
+once per loss (the agent went away, or came back as a new instance), `on_found` when it
+answers again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from agents.control import acall
+
+HEALTH_SECONDS = 1.0
+PING_TIMEOUT = 2.0
+MISSED_PINGS = 3
+
+log = logging.getLogger("health")
+
+
+@dataclass
+class AgentHealth:
+    host: str
+    address: str
+    alive: bool = True          # assumed until a ping says otherwise
+    instance: str | None = None
+    links: dict[str, bool] = field(default_factory=dict)
+    missed: int = 0
+    reason: str = ""
+
+    def link(self, name: str) -> bool:
+        return self.alive and self.links.get(name, True)
+
+
+class ClusterHealth:
+    def __init__(self, addresses: dict[str, str], on_lost: Callable[[str, str], None],
+                 on_found: Callable[[str], None]):
+        self.agents = {host: AgentHealth(host, address) for host, address in addresses.items()}
+        self.on_lost, self.on_found = on_lost, on_found
+
+    def __getitem__(self, host: str) -> AgentHealth:
+        return self.agents[host]
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.gather(*map(self.check, self.agents.values()))
+            await asyncio.sleep(HEALTH_SECONDS)
+
+    async def check(self, agent: AgentHealth) -> None:
+        try:
+            reply = await acall(agent.address, "ping", timeout=PING_TIMEOUT)
+        except TimeoutError:          # (asyncio's too, since 3.11): late, not yet gone
+            agent.missed += 1
+            if agent.missed >= MISSED_PINGS:
+                self.lost(agent, f"{agent.host} did not answer {agent.missed} pings")
+            return
+        except (OSError, RuntimeError, ValueError) as exc:
+            self.lost(agent, f"{agent.host} unreachable ({type(exc).__name__}: {exc})")
+            return
+        agent.missed = 0
+        if agent.instance is not None and reply["instance"] != agent.instance:
+            self.lost(agent, f"{agent.host} restarted")
+        changed = reply.get("links", {}) != agent.links
+        agent.instance, agent.links = reply["instance"], reply.get("links", {})
+        if changed and not all(agent.links.values()):
+            down = [name for name, up in agent.links.items() if not up]
+            log.warning("%s: link %s down", agent.host, ", ".join(down))
+        if not agent.alive or changed:
+            if not agent.alive:
+                log.warning("%s answers again (instance %s)", agent.host, agent.instance[:8])
+            agent.alive, agent.reason = True, ""
+            self.on_found(agent.host)
+
+    def lost(self, agent: AgentHealth, reason: str) -> None:
+        if agent.alive or agent.instance is not None:
+            log.warning("lost %s", reason)
+            agent.alive, agent.reason, agent.missed = False, reason, 0
+            agent.instance = None      # whatever answers next is a new run
+            self.on_lost(agent.host, reason)
