@@ -78,7 +78,10 @@ class ClusterHealth:
             self.on_found(agent.host)
 
     def lost(self, agent: AgentHealth, reason: str) -> None:
-        if agent.alive or agent.instance is not None:
+        if agent.alive and agent.instance is None:    # never answered: still starting
+            log.info("%s not up yet", agent.host)
+            agent.alive, agent.reason, agent.missed = False, reason, 0
+        elif agent.alive or agent.instance is not None:
             log.warning("lost %s", reason)
             agent.alive, agent.reason, agent.missed = False, reason, 0
             agent.instance = None      # whatever answers next is a new run

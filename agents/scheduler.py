@@ -174,7 +174,8 @@ class SchedulerAgent(Agent):
         finally:
             self.pending.pop(r.id, None)
         return {"request": r.id, "submitted": pending.submitted, "pe": pending.pe.name,
-                "de": pending.de.name, "path": pending.path, **pending.results}
+                "de": pending.de.name, "path": pending.path, "oracle": self.policy.oracle,
+                **pending.results}
 
     # -- engine groups ----------------------------------------------------------------------
     async def fetch(self, m: dict) -> dict:

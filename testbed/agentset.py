@@ -16,9 +16,11 @@ import time
 from pathlib import Path
 
 from agents.control import call
+from testbed.annotations import Annotator
 from testbed.errors import TestbedError
 from testbed.exporter import FabricExporter
 from testbed.fabric import Fabric
+from testbed.injector import FaultServer, Injector
 from testbed.plan import build_plan
 from testbed.prometheus import remove_targets, write_targets
 from testbed.topology import Topology
@@ -36,6 +38,9 @@ class AgentSet:
     def __init__(self, fabric: Fabric):
         self.fabric = fabric
         self.processes: dict[str, subprocess.Popen] = {}
+        # Control calls that configured an agent, made again when it restarts (the
+        # scheduler's policy and thresholds).
+        self.configuration: dict[str, tuple[str, dict]] = {}
 
     def _command(self, host: str, program: str) -> tuple[list[str], dict]:
         topology = self.fabric.plan.topology.model_dump_json()
@@ -49,18 +54,41 @@ class AgentSet:
     def start(self) -> None:
         LOG_DIR.mkdir(parents=True, exist_ok=True)
         for host in self.fabric.plan.hosts:
-            program = PROGRAMS.get(host.kind)
-            if program is None:
-                continue
-            cmd, env = self._command(host.name, program)
-            with open(LOG_DIR / f"{host.name}.log", "w") as log:
-                self.processes[host.name] = self.fabric.node(host.name).popen(
-                    cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-        self._wait_ready()
+            if host.kind in PROGRAMS:
+                self._spawn(host.name, "w")
+        self._wait_ready(self.processes)
 
-    def _wait_ready(self) -> None:
+    def _spawn(self, name: str, mode: str) -> None:
+        cmd, env = self._command(name, PROGRAMS[self.fabric.plan.host(name).kind])
+        with open(LOG_DIR / f"{name}.log", mode) as log:
+            self.processes[name] = self.fabric.node(name).popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+
+    def has_agent(self, name: str) -> bool:
+        return name in self.processes
+
+    def kill(self, name: str) -> bool:
+        """SIGKILL the host's agent, as a crash would; False if it was not running."""
+        proc = self.processes[name]
+        if proc.poll() is not None:
+            return False
+        proc.kill()
+        proc.wait()
+        return True
+
+    def restart(self, name: str) -> None:
+        """Start the host's agent again (killing it first if it runs), wait until it answers
+        and give it its configuration again."""
+        self.kill(name)
+        self._spawn(name, "a")      # the log keeps what the earlier run wrote
+        self._wait_ready({name: self.processes[name]})
+        if name in self.configuration:
+            op, fields = self.configuration[name]
+            call(self.fabric.plan.host(name).address("mgmt"), op, timeout=30, **fields)
+
+    def _wait_ready(self, processes: dict[str, subprocess.Popen]) -> None:
         deadline = time.monotonic() + READY_SECONDS
-        waiting = dict(self.processes)
+        waiting = dict(processes)
         while waiting and time.monotonic() < deadline:
             for name, proc in list(waiting.items()):
                 if proc.poll() is not None:
@@ -116,11 +144,14 @@ class RunningCluster:
     it runs."""
 
     def __init__(self, topology: Topology, agents: bool = True, topology_path: str = "",
-                 scenario: str = "", policy: str = ""):
+                 scenario: str = "", policy: str = "", annotator: Annotator | None = None):
         self.fabric = Fabric(build_plan(topology), topology_path)
         self.agents = AgentSet(self.fabric) if agents else None
         self.labels = {"scenario": scenario or topology.name, "policy": policy}
         self.exporter: FabricExporter | None = None
+        self.injector = Injector(self.fabric, self.agents, annotator,
+                                 tags=(f"policy:{policy}",) if policy else ())
+        self.fault_server: FaultServer | None = None
 
     def __enter__(self) -> Fabric:
         self.fabric.up()
@@ -129,6 +160,7 @@ class RunningCluster:
                 self.agents.start()
             self.exporter = FabricExporter(FabricRecord.read(), self.fabric.plan)
             write_targets(self.fabric.plan, **self.labels)
+            self.fault_server = FaultServer(self.injector)
         except BaseException:
             self.__exit__()
             raise
@@ -136,6 +168,9 @@ class RunningCluster:
 
     def __exit__(self, *exc) -> None:
         remove_targets()
+        if self.fault_server:
+            self.fault_server.stop()
+            self.fault_server = None
         try:
             if self.exporter:
                 self.exporter.stop()

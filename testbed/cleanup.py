@@ -8,7 +8,7 @@ The same routine ends a normal run and recovers from a crashed or killed one:
   - the storage agents' block files of netns hosts (docker hosts keep theirs inside the
     container, which goes with it);
   - a run's own Prometheus server once that run is gone (it carries SERVER_MARKER, whose
-    value is the pid of the run), and the scrape targets of the fabric.
+    value is the pid of the run), the scrape targets of the fabric and its fault socket.
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from pyroute2.netlink.exceptions import NetlinkError
 
 from agents.storage import DATA_ROOT
 from testbed.hosts import CONTAINER_LABEL, HOST_MARKER, remove_containers
+from testbed.injector import SOCKET_PATH as FAULT_SOCKET
 from testbed.plan import BRIDGES
 from testbed.prometheus import SERVER_MARKER, remove_targets
 from testbed.state import FabricRecord, fabric_running, pid_alive, remove_record
@@ -114,5 +115,6 @@ def remove_leftovers(containers=None) -> dict[str, int]:
         found["storage dirs"] = sum(1 for _ in DATA_ROOT.iterdir())
         shutil.rmtree(DATA_ROOT, ignore_errors=True)
     remove_targets()
+    FAULT_SOCKET.unlink(missing_ok=True)   # an owner that died could not remove it
     remove_record()
     return found

@@ -72,7 +72,7 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
     hosts = len(plan.hosts)
     print(f"bringing up {plan.topology.name}: {hosts} hosts on the {plan.topology.backend} "
           f"backend ...", flush=True)
-    agents = None
+    agents = faults = None
     try:
         fabric.up()
         if not args.no_agents:
@@ -80,6 +80,8 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
             agents = AgentSet(fabric)
             agents.start()
             print(f"  agents running (logs: {LOG_DIR})", flush=True)
+        from testbed.injector import FaultServer, Injector
+        faults = FaultServer(Injector(fabric, agents))   # `testbed fault`
         mark_ready()
         print(fabric_table(FabricRecord.read()), flush=True)
         print(f"up in {fabric.up_seconds:.1f} s. Ctrl-C (or `testbed fabric down`) tears it "
@@ -92,6 +94,8 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
     finally:
         for sig in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP):
             signal.signal(sig, signal.SIG_IGN)   # let teardown finish
+        if faults:
+            faults.stop()
         if agents:
             agents.stop()
         fabric.down()   # a no-op if up() already tore down after a failure
@@ -233,6 +237,19 @@ def cmd_scenario_run(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_fault(args: argparse.Namespace) -> int:
+    from testbed.injector import send_fault
+    fields = {"kind": args.kind, "target": args.target}
+    if args.duration is not None:
+        fields["duration"] = args.duration
+    if args.factor is not None:
+        fields["factor"] = args.factor
+    for event in send_fault(fields):
+        result = "ok" if event["error"] is None else f"FAILED: {event['error']}"
+        print(f"{event['t']:.1f} s into the run: {event['action']}: {result}")
+    return 0
+
+
 def cmd_clean(args: argparse.Namespace) -> int:
     from testbed import cleanup
     found = cleanup.remove_leftovers()
@@ -293,6 +310,22 @@ def build_parser() -> argparse.ArgumentParser:
     srun = scenario.add_parser("run", help="run a scenario: each policy on the same workload")
     srun.add_argument("scenario", help="a name in scenarios/ or a path")
     srun.set_defaults(func=cmd_scenario_run)
+
+    from testbed.faults import FaultSpec
+    fault = sub.add_parser(
+        "fault", help="inject a fault into the running fabric (a scenario's or fabric up's)",
+        description="Carried out by the fabric's owner, logged in its run's report. Links "
+                    "are host:interface (n0:snic, n0g1:cnic, st0:stor); agents are hosts "
+                    "(n0g0, n0, st0, sched).")
+    fault.add_argument("kind", choices=list(FaultSpec.model_fields["kind"].annotation.__args__))
+    fault.add_argument("target", help="host:interface for link faults, else a host")
+    fault.add_argument("--duration", type=float,
+                       help="link-flap: seconds down; link-rate, storage-slow: seconds until "
+                            "the rate is restored, 0 for never (default 3)")
+    fault.add_argument("--factor", type=float,
+                       help="link-rate, storage-slow: the share of the configured rate "
+                            "(default 0.1)")
+    fault.set_defaults(func=cmd_fault)
 
     sub.add_parser("clean", help="remove every leftover of earlier runs").set_defaults(
         func=cmd_clean)

@@ -75,9 +75,27 @@ def shape(ipr: IPRoute, ifname: str, rate: int, qos: QosShares | None) -> None:
         raise TestbedError(f"cannot shape {ifname} to {rate} bit/s: {exc}") from None
 
 
+def set_rate(ipr: IPRoute, ifname: str, rate: int, qos: QosShares | None) -> None:
+    """Change the rate of a shaped link end in place (a fault: a slowed or restored link);
+    the classes keep their handles, so traffic flows on without a gap."""
+    try:
+        index = ipr.link_lookup(ifname=ifname)[0]
+    except IndexError:
+        raise TestbedError(f"cannot change the rate of {ifname}: no such interface") from None
+    try:
+        _add_class(ipr, index, LINK_CLASS, ROOT, rate, rate, prio=0, command="change-class")
+        if qos:
+            _add_class(ipr, index, HIGH_CLASS, LINK_CLASS, int(rate * qos.high), rate, prio=0,
+                       command="change-class")
+            _add_class(ipr, index, LOW_CLASS, LINK_CLASS, int(rate * qos.low), rate, prio=1,
+                       command="change-class")
+    except NetlinkError as exc:
+        raise TestbedError(f"cannot change {ifname} to {rate} bit/s: {exc}") from None
+
+
 def _add_class(ipr: IPRoute, index: int, handle: int, parent: int, rate: int, ceil: int,
-               prio: int) -> None:
+               prio: int, command: str = "add-class") -> None:
     guaranteed, ceiling = HtbParams(max(rate, 8_000)), HtbParams(ceil)
-    ipr.tc("add-class", "htb", index, handle, parent=parent,
+    ipr.tc(command, "htb", index, handle, parent=parent,
            rate=guaranteed.bytes_per_second, ceil=ceiling.bytes_per_second,
            burst=ceiling.burst, cburst=ceiling.burst, quantum=ceiling.quantum, prio=prio)

@@ -33,6 +33,9 @@ from testbed.prometheus import PrometheusAPI, run_prometheus, utilization_query
 from testbed.report import table
 from testbed.errors import TestbedError
 from testbed.exporter import ClientMetrics
+from testbed.faultreport import accounting_text, failures_text, faults_text
+from testbed.faults import FaultSpec, chaos_faults
+from testbed.injector import Injector
 from testbed.request import (GENERATED_BLOCKS, MISS_BLOCKS, PROMPT_BLOCK_TOKENS, seed_blocks,
                              split)
 from testbed.scenario import REPO, Scenario, Workload, topology_name
@@ -44,6 +47,12 @@ from testbed.workload import Turn, generate_trajectories, poisson_arrivals
 TRACE_BLOCKS = 1 << 62   # trace block ids start here, above any request's own (< 2**62)
 SAMPLE_SECONDS = 1.0     # SNIC utilization samples
 PROGRESS_SECONDS = 5.0   # progress lines
+# A turn whose request failed is submitted again, as a new request, up to this many times in
+# all; then it fails with the last reason, and so do the trajectory's later turns.
+ATTEMPTS = 3
+RETRY_SECONDS = 1.0
+# How long a client waits for a scheduler that refuses connections (one restarting).
+SCHEDULER_WAIT_SECONDS = 60.0
 
 
 @dataclass
@@ -109,31 +118,66 @@ def trace_blocks(agent: Agent, turn: Turn, cache: set[int], base: int,
     return hit, miss + split(turn.prompt % PROMPT_BLOCK_TOKENS, base + MISS_BLOCKS)
 
 
-async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict],
-                    started: float, cache: set[int], client: ClientView) -> None:
+@dataclass
+class Outcome:
+    """How the turns of one run ended: every issued turn is in exactly one of the lists."""
+    records: list[dict] = field(default_factory=list)     # completed
+    failures: list[dict] = field(default_factory=list)    # failed, with the reason
+
+
+async def submit(scheduler: str, request: int, **fields) -> dict:
+    """One submission; a scheduler that refuses connections is waited for (it may be
+    restarting), one that fails the request or goes away mid-way raises."""
+    deadline = time.monotonic() + SCHEDULER_WAIT_SECONDS
+    while True:
+        try:
+            return await acall(scheduler, "submit", request=request, **fields)
+        except ConnectionRefusedError:
+            if time.monotonic() > deadline:
+                raise
+            await asyncio.sleep(RETRY_SECONDS)
+
+
+def _reason(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
+
+
+async def run_agent(agent: Agent, scheduler: str, geometry: Geometry, model: str,
+                    outcome: Outcome, started: float, cache: set[int], client: ClientView,
+                    ) -> None:
     """Replays an agent's turns one after the other, or one trace request (`cache`: the
-    trace blocks stored so far)."""
+    trace blocks stored so far). A failed request is submitted again, as a new request;
+    a turn that fails every attempt ends the trajectory: it and the later turns fail."""
     await asyncio.sleep(max(0.0, started + agent.arrival - time.time()))
     for number, turn in enumerate(agent.turns):
-        request = random.randrange(1, 1 << 46)
-        base = request << 16
-        if agent.hash_ids is None:
-            hit = list(agent.stored)
-            miss = split(turn.context - agent.stored_tokens + turn.append, base + MISS_BLOCKS)
+        for attempt in range(1, ATTEMPTS + 1):
+            request = random.randrange(1, 1 << 46)
+            base = request << 16
+            if agent.hash_ids is None:
+                hit = list(agent.stored)
+                miss = split(turn.context - agent.stored_tokens + turn.append, base + MISS_BLOCKS)
+            else:
+                hit, miss = trace_blocks(agent, turn, cache, base)
+            try:
+                result = await submit(scheduler, request, model=model, hit=hit, miss=miss,
+                                      generate=turn.generate,
+                                      generated_block_base=base + GENERATED_BLOCKS)
+                break
+            except (OSError, RuntimeError, ValueError) as exc:
+                reason = _reason(exc)
+                if attempt < ATTEMPTS:
+                    await asyncio.sleep(RETRY_SECONDS)
         else:
-            hit, miss = trace_blocks(agent, turn, cache, base)
-        try:
-            result = await acall(scheduler, "submit", request=request, model=model, hit=hit,
-                                 miss=miss, generate=turn.generate,
-                                 generated_block_base=base + GENERATED_BLOCKS)
-        except BaseException:
-            client.failed()
-            raise
+            fail_rest(agent, number, reason, outcome, client, time.time() - started)
+            agent.finished = time.time() - started
+            return
         decode, prefill = result["decode"], result["prefill"]
         agent.stored += miss + [tuple(b) for b in decode["persisted"]]
         cache.update(block for block, _ in miss if block >= TRACE_BLOCKS)
+        records = outcome.records
         records.append({
-            "trajectory": agent.id, "turn": number, "request": request, "arrival": agent.arrival,
+            "trajectory": agent.id, "turn": number, "request": request, "attempts": attempt,
+            "arrival": agent.arrival,
             "hit_tokens": sum(t for _, t in hit), "miss_tokens": sum(t for _, t in miss),
             "generated": turn.generate, "path": result["path"], "pe": result["pe"],
             "de": result["de"], "submitted": result["submitted"] - started,
@@ -144,10 +188,23 @@ async def run_agent(agent: Agent, scheduler: str, model: str, records: list[dict
             **{f"prefill_{phase}": seconds for phase, seconds in prefill["timings"].items()},
             "decode_hbm_wait": decode["hbm_wait_seconds"],
             "prompt_bytes_verified": decode["prompt_bytes"],
+            "prompt_bytes_expected": 0 if result["oracle"] else geometry.blocks_bytes(hit + miss),
             "corrupt_bytes": decode["verifier"]["corrupt_bytes"]})
         client.turn(records[-1])
     agent.finished = time.time() - started
     client.agent_done(agent.finished - agent.arrival)
+
+
+def fail_rest(agent: Agent, first: int, reason: str, outcome: Outcome, client: ClientView,
+              at: float) -> None:
+    """Turn `first` failed every attempt: it fails with `reason`, the later turns (whose
+    context it was to store) with a reason naming it."""
+    for number in range(first, len(agent.turns)):
+        why = reason if number == first else f"turn {first} of the trajectory failed"
+        outcome.failures.append({"trajectory": agent.id, "turn": number, "failed_at": at,
+                                 "attempts": ATTEMPTS if number == first else 0,
+                                 "reason": why})
+        client.failed()
 
 
 def replays(workload: Workload, aps: float | None) -> list[Agent]:
@@ -207,20 +264,55 @@ def warm_start(plan: ClusterPlan, profile: ModelProfile, agents: list[Agent],
     return ready, cache
 
 
+async def inject(faults: list[FaultSpec], injector: Injector, outcome: Outcome,
+                 started: float) -> None:
+    """Each fault at its time (or once its number of turns completed), as often as it
+    repeats. Cancelled when the workload ends; a fault being carried out finishes first."""
+    applying: set[asyncio.Future] = set()
+
+    async def one(fault: FaultSpec) -> None:
+        if fault.after_turns is not None:
+            while len(outcome.records) < fault.after_turns:
+                await asyncio.sleep(0.2)
+            first = time.time()
+        else:
+            first = started + fault.at
+        for n in range(fault.times):
+            await asyncio.sleep(max(0.0, first + n * (fault.every or 0) - time.time()))
+            applied = asyncio.ensure_future(asyncio.to_thread(injector.apply, fault))
+            applying.add(applied)
+            await asyncio.shield(applied)
+
+    tasks = [asyncio.create_task(one(f)) for f in faults]
+    try:
+        await asyncio.gather(*tasks)
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, *applying, return_exceptions=True)
+
+
 async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenario,
-                       policy: str, workload: list[Agent], client: ClientView) -> dict:
+                       policy: str, workload: list[Agent], client: ClientView,
+                       cluster: RunningCluster) -> dict:
     scheduler = plan.host("sched").address("mgmt")
     profile = load_profile(scenario.model)
     turns = [t for a in workload for t in a.turns]
     mean_context = sum(t.context for t in turns) // len(turns)
     mean_append = sum(t.append for t in turns) // len(turns)
-    await acall(scheduler, "configure", policy=policy,
-                **thresholds(plan, profile, mean_context, mean_append))
+    configuration = {"policy": policy, **thresholds(plan, profile, mean_context, mean_append)}
+    await acall(scheduler, "configure", **configuration)
+    cluster.agents.configuration["sched"] = ("configure", configuration)
     agents, cache = warm_start(plan, profile, workload)
-    records: list[dict] = []
-    started = time.time()
-    tasks = [asyncio.create_task(run_agent(a, scheduler, scenario.model, records, started,
-                                           cache, client)) for a in agents]
+    outcome = Outcome()
+    records = outcome.records
+    geometry = Geometry.of(profile, plan.topology.scale)
+    started = cluster.injector.started = time.time()
+    tasks = [asyncio.create_task(run_agent(a, scheduler, geometry, scenario.model, outcome,
+                                           started, cache, client)) for a in agents]
+    faults = scenario.faults + (chaos_faults(scenario.chaos, plan, scenario.workload.duration)
+                                if scenario.chaos else [])
+    injecting = asyncio.create_task(inject(faults, cluster.injector, outcome, started))
     snic_rate = {n.name: n.interface("snic").rate for n in plan.of_kind("node")}
     timeline: dict[str, list[tuple[float, float]]] = {node: [] for node in snic_rate}
     last = (time.time(), await asyncio.to_thread(counters.nic_bytes, record, "snic", "rx"))
@@ -239,17 +331,22 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
             tokens = sum(r["hit_tokens"] + r["miss_tokens"] + r["generated"] for r in records)
             elapsed = now[0] - started
             snic = max((series[-1][1] for series in timeline.values() if series), default=0)
+            failed = f", {len(outcome.failures)} failed" if outcome.failures else ""
             print(f"  {policy}: {elapsed:6.1f} s, agents {done}/{arrived}/{len(agents)} "
                   "done/arrived/all, "
-                  f"{len(records)} turns, {tokens / elapsed / 1e3:.1f} K tokens/s, "
+                  f"{len(records)} turns{failed}, {tokens / elapsed / 1e3:.1f} K tokens/s, "
                   f"busiest SNIC {snic:.0%}", flush=True)
+    injecting.cancel()
+    await asyncio.gather(injecting, return_exceptions=True)
     for task in tasks:
-        task.result()          # a failed turn fails the run, with its reason
+        task.result()          # a bug in the client itself, not a request's failure
+    ended = [a for a in agents if a.finished is not None]
     # Offline the batch's completion; online the mean trajectory's (paper §7).
-    jct = (sum(a.finished - a.arrival for a in agents) / len(agents)
-           if scenario.workload.timed else max(a.finished for a in agents))
-    return {"policy": policy, "jct": jct, "records": records, "snic_timeline": timeline,
-            "wall": [started, time.time()]}
+    jct = (sum(a.finished - a.arrival for a in ended) / max(1, len(ended))
+           if scenario.workload.timed else max((a.finished for a in ended), default=0.0))
+    return {"policy": policy, "jct": jct, "records": records, "failures": outcome.failures,
+            "issued": len(turns), "faults": list(cluster.injector.events),
+            "snic_timeline": timeline, "wall": [started, time.time()]}
 
 
 def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float | None,
@@ -263,14 +360,14 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
         annotator.post(f"{scenario.name}: {policy} on {topology.name}{rate}",
                        f"scenario:{scenario.name}", f"policy:{policy}")
     cluster = RunningCluster(topology, topology_path=str(REPO / topology_path),
-                             scenario=scenario.name, policy=policy)
+                             scenario=scenario.name, policy=policy, annotator=annotator)
     with cluster as fabric:
         record = FabricRecord.read()
         before = counters.snapshot(record)
         client = ClientView(cluster.exporter.client, policy, topology.scale)
         with CpuWatch() as cpu:
             result = asyncio.run(run_workload(fabric.plan, record, scenario, policy, workload,
-                                              client))
+                                              client, cluster))
         moved = counters.delta(before, counters.snapshot(record))
     snic = {n.name: moved.get((n.name, "snic", "rx"), 0) * topology.scale
             for n in fabric.plan.of_kind("node")}
@@ -314,11 +411,21 @@ def summarize(result: dict, workload: Workload) -> dict:
     records = result["records"]
     judged = records if result["aps"] is None else steady(result, workload.duration)
     snic = list(result["snic_read_bytes"].values())
-    mean = lambda key, rows=records: sum(r[key] for r in rows) / len(rows)  # noqa: E731
+    def mean(key: str, rows: list[dict] = records) -> float:
+        return sum(r[key] for r in rows) / len(rows) if rows else float("nan")
+
+    failures = result.get("failures", [])
+    issued = result.get("issued", len(records))
     return {"topology": result["topology"], "policy": result["policy"], "aps": result["aps"],
             "jct": result["jct"],
             "turns": len(records), "ttft": mean("ttft", judged), "tpot": mean("tpot", judged),
-            "de_reads": sum(r["path"] == "de" for r in records) / len(records),
+            # every issued turn completed or failed with a reason; a completed one had every
+            # prompt byte verified by its decode engine
+            "issued": issued, "failed": len(failures),
+            "unaccounted": issued - len(records) - len(failures),
+            "unverified": sum(r["prompt_bytes_verified"] < r.get("prompt_bytes_expected", 0)
+                              for r in records),
+            "de_reads": sum(r["path"] == "de" for r in records) / max(1, len(records)),
             "snic_max_over_avg": max(snic) / (sum(snic) / len(snic)) if sum(snic) else 0.0,
             "snic_balance": snic_balance(result["snic_timeline"]),
             # real-cluster bytes, as every figure of the report
@@ -335,8 +442,9 @@ def comparisons(scenario: Scenario, summaries: list[dict], results: list[dict]) 
     rows = []
     for topology in dict.fromkeys(s["topology"] for s in summaries):
         jct = {s["policy"]: s["jct"] for s in summaries if s["topology"] == topology}
-        if "basic" not in jct or "dualpath" not in jct:
-            continue
+        if "basic" not in jct or "dualpath" not in jct or any(
+                s["failed"] for s in summaries if s["topology"] == topology):
+            continue        # a run that failed turns has no JCT to compare
         shape = next(r for r in results if r["topology"] == topology)
         p, d = shape["prefill_nodes"], shape["decode_nodes"]
         row = {"topology": topology, "speedup": jct["basic"] / jct["dualpath"],
@@ -411,6 +519,16 @@ def report_text(scenario: Scenario, summaries: list[dict], compared: list[dict],
     return "\n\n".join(parts)
 
 
+def write_csv(path: Path, rows: list[dict]) -> None:
+    """Rows as CSV, columns from all rows in order of appearance; nothing if no rows."""
+    if not rows:
+        return
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(dict.fromkeys(k for row in rows for k in row)))
+        writer.writeheader()
+        writer.writerows(rows)
+
+
 def meets_slo(summary: dict, workload: Workload) -> bool:
     return summary["ttft"] <= workload.slo_ttft and summary["tpot"] <= workload.slo_tpot
 
@@ -476,13 +594,13 @@ def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> P
     (out / "results.json").write_text(json.dumps(
         {"scenario": scenario.model_dump(), "summaries": summaries, "comparisons": compared,
          "reductions": reduced, "capacities": capacity, "results": results}, indent=1))
-    with open(out / "requests.csv", "w", newline="") as f:
-        rows = [{"topology": r["topology"], "policy": r["policy"], "aps": r["aps"], **rec}
-                for r in results for rec in r["records"]]
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    text = report_text(scenario, summaries, compared, reduced, capacity)
+    for name, key in (("requests", "records"), ("failures", "failures"), ("faults", "faults")):
+        write_csv(out / f"{name}.csv", [
+            {"topology": r["topology"], "policy": r["policy"], "aps": r["aps"], **row}
+            for r in results for row in r.get(key, [])])
+    text = "\n\n".join(part for part in (
+        report_text(scenario, summaries, compared, reduced, capacity),
+        accounting_text(summaries), failures_text(results), faults_text(results)) if part)
     warnings = [f"{r['topology']} / {r['policy']}: {r['cpu_warning']}"
                 for r in results if r["cpu_warning"]]
     figures = write_plots(out, results, summaries, w.slo_ttft)

@@ -10,6 +10,10 @@
       speedup: {1p1d: 1.77}              # DualPath over basic JCT, per topology name
       reduction: {dualpath: 0.4562}      # JCT reduction against basic, per policy
       capacity_ratio: 1.67               # online: DualPath over basic capacity
+    faults:                              # optional: see testbed/faults.py
+      - {kind: link-down, target: "n0:snic", at: 5}
+      - {kind: kill, target: n1g0, after_turns: 20, every: 30, times: 3}
+    chaos: {seed: 7, every: 20, repair: 8}   # optional: random faults of every kind
 
 Any problem is reported as one line naming the file, the field, the value and what was
 expected, as for topologies.
@@ -23,7 +27,10 @@ from typing import Literal
 from pydantic import Field, ValidationError, field_validator, model_validator
 
 from testbed.errors import TestbedError
-from testbed.topology import Spec, read_yaml, require_mapping, validation_message
+from testbed.faults import ChaosSpec, FaultSpec, check_target
+from testbed.plan import build_plan
+from testbed.topology import (Spec, load_topology, read_yaml, require_mapping,
+                              validation_message)
 
 REPO = Path(__file__).resolve().parent.parent
 SCENARIOS = REPO / "scenarios"
@@ -124,6 +131,8 @@ class Scenario(Spec):
     workload: Workload
     policies: list[str] = Field(min_length=1)
     paper: PaperFigures | None = None
+    faults: list[FaultSpec] = Field(default_factory=list)
+    chaos: ChaosSpec | None = None
 
     @field_validator("topologies")
     @classmethod
@@ -153,6 +162,14 @@ def load_scenario(name_or_path: str) -> Scenario:
                            "topologies, model, workload, policies")
     data.setdefault("name", path.stem)
     try:
-        return Scenario.model_validate(data)
+        scenario = Scenario.model_validate(data)
     except ValidationError as exc:
         raise TestbedError(f"{path}: {validation_message(exc, Scenario)}") from None
+    for topology in scenario.topologies if scenario.faults else ():
+        plan = build_plan(load_topology(REPO / topology))
+        for i, fault in enumerate(scenario.faults):
+            try:
+                check_target(fault, plan, f"faults[{i}].target")
+            except TestbedError as exc:
+                raise TestbedError(f"{path}: {exc} (in {topology})") from None
+    return scenario
