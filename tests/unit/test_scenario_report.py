@@ -20,9 +20,18 @@ def scenario(**workload) -> Scenario:
                                        reduction={"dualpath": 0.45}, capacity_ratio=1.67))
 
 
-def summary(policy, jct, aps=None, ttft=1.0, tpot=0.02, topology="1p1d"):
+def summary(policy, jct, aps=None, ttft=1.0, tpot=0.02, topology="1p1d", failed=0):
     return {"topology": topology, "policy": policy, "jct": jct, "aps": aps, "ttft": ttft,
-            "tpot": tpot}
+            "tpot": tpot, "failed": failed}
+
+
+def test_a_topology_whose_runs_failed_turns_gets_no_speedup():
+    """A run cut short by failures has no JCT worth comparing."""
+    s = scenario(agents=4)
+    results = [{"topology": "1p1d", "prefill_nodes": 1, "decode_nodes": 1}]
+    summaries = [summary("basic", 3.0, failed=5), summary("dualpath", 6.0)]
+    assert comparisons(s, summaries, results) == []
+    assert len(comparisons(s, [summary("basic", 3.0), summary("dualpath", 6.0)], results)) == 1
 
 
 def test_the_limit_is_the_smaller_of_the_snic_and_the_compute_bound():
