@@ -33,6 +33,7 @@ from agents.runtime import Agent, run
 from testbed.profile import load_profile
 
 ALL_TO_ALL_PORT = 7004
+PEER_GONE_SECONDS = 5.0       # an engine that failed an all-to-all sits out this long
 FETCH_SECONDS = 0.02          # how often a group leader pulls work while a scheduler runs
 IDLE_FETCH_SECONDS = 1.0
 PREFILL_QUOTA_SECONDS = 0.3  # attention time of one forward batch (paper §5.5)
@@ -73,6 +74,7 @@ class EngineAgent(Agent):
         self.connections: dict[tuple[str, int, str], Connection] = {}
         self.peers = [h for h in self.plan.of_kind("gpu")
                       if h.role == self.role and h.name != self.host.name]
+        self.peers_gone: dict[str, float] = {}    # peer -> until when it sits out
         self.prefill_gpus = [h for h in self.plan.of_kind("gpu") if h.role == "prefill"]
         self.unfinished: dict[int, int] = {}      # request -> tokens
         self.scale = self.plan.topology.scale
@@ -227,22 +229,32 @@ class EngineAgent(Agent):
     async def all_to_all(self, request: int, layer: int, total_bytes: int) -> float:
         """One layer's expert-parallel exchange: this GPU's share goes to every peer
         (dispatch) and comes back (combine), all of it EF."""
-        if not self.peers or total_bytes <= 0:
+        now = time.monotonic()
+        peers = [p for p in self.peers if self.peers_gone.get(p.name, 0.0) <= now]
+        if not peers or total_bytes <= 0:
             return 0.0
         started = time.monotonic()
-        share = max(1, total_bytes // len(self.peers))
+        share = max(1, total_bytes // len(peers))
 
         async def one(peer) -> None:
             conn = self.connection(peer.name, "cnic", ALL_TO_ALL_PORT, protocol.DSCP_EF, "a2a")
             frame = Frame(MessageType.ALL_TO_ALL, request, layer, block=request,
                           payload=kv_bytes(request, layer, share))
-            [back] = await self.exchange(conn, [frame], 1, MessageType.ALL_TO_ALL)
+            try:
+                [back] = await self.exchange(conn, [frame], 1, MessageType.ALL_TO_ALL)
+            except (OSError, asyncio.IncompleteReadError, ProtocolError) as exc:
+                # A peer that is gone leaves the expert-parallel group, as a real group is
+                # rebuilt without a failed rank; it is tried again after PEER_GONE_SECONDS.
+                self.peers_gone[peer.name] = time.monotonic() + PEER_GONE_SECONDS
+                self.log.warning("all-to-all without %s for %.0f s: %s", peer.name,
+                                 PEER_GONE_SECONDS, exc)
+                return
             if back.payload != frame.payload:
                 raise ProtocolError(f"all-to-all combine from {peer.name} does not verify")
             self.counters["all_to_all_bytes_sent"] += share
             self.counters["all_to_all_bytes_received"] += len(back.payload)
 
-        await asyncio.gather(*(one(p) for p in self.peers))
+        await asyncio.gather(*(one(p) for p in peers))
         seconds = time.monotonic() - started
         self.all_to_all_seconds.observe(seconds)
         return seconds
