@@ -1,10 +1,10 @@
 """The agents' shared language: framed messages over TCP, carrying verifiable KV bytes.
 
-Every message is a fixed 32-byte header followed by `length` payload bytes:
+Every message is a fixed 36-byte header followed by `length` payload bytes:
 
     offset size field     meaning
     0      2    magic     b"DP"
-    2      1    version   1
+    2      1    version   2
     3      1    type      MessageType
     4      8    request   request id (0 when none)
     12     2    layer     layer index (0xFFFF: all layers, i.e. a Full Block)
@@ -12,6 +12,8 @@ Every message is a fixed 32-byte header followed by `length` payload bytes:
     22     4    length    payload bytes (at most MAX_PAYLOAD)
     26     4    checksum  CRC-32 of the payload
     30     2    count     number of blocks the payload covers (KV messages), else 0
+    32     4    hcrc      CRC-32 of the 32 bytes before it: a damaged header is refused,
+                          never read as another frame
 
 KV payloads are derived from the identity of each block: `kv_bytes(block, layer, length)`
 gives the only valid bytes of one layer of one block, so any receiver verifies what it got
@@ -56,9 +58,11 @@ import zlib
 from dataclasses import dataclass
 
 MAGIC = b"DP"
-VERSION = 1
-HEADER = struct.Struct("!2sBBQHQIIH")
-assert HEADER.size == 32
+VERSION = 2
+HEADER = struct.Struct("!2sBBQHQIIH")    # the fields; their CRC-32 follows
+HEADER_CRC = struct.Struct("!I")
+HEADER_SIZE = HEADER.size + HEADER_CRC.size
+assert HEADER_SIZE == 36
 MAX_PAYLOAD = 64 * 1024 * 1024
 ALL_LAYERS = 0xFFFF
 
@@ -100,14 +104,21 @@ class Frame:
     payload: bytes = b""
 
     def encode_header(self) -> bytes:
-        return HEADER.pack(MAGIC, VERSION, self.type, self.request, self.layer, self.block,
-                           len(self.payload), zlib.crc32(self.payload), self.count)
+        return header(self.type, self.request, self.layer, self.block, len(self.payload),
+                      zlib.crc32(self.payload), self.count)
 
     def json(self) -> dict:
         try:
             return json.loads(self.payload)
         except ValueError as exc:
             raise ProtocolError(f"{self.type.name}: payload is not JSON ({exc})") from None
+
+
+def header(type_: MessageType, request: int, layer: int, block: int, length: int,
+           checksum: int, count: int) -> bytes:
+    """A frame's header, for a payload of `length` bytes whose CRC-32 is `checksum`."""
+    fields = HEADER.pack(MAGIC, VERSION, type_, request, layer, block, length, checksum, count)
+    return fields + HEADER_CRC.pack(zlib.crc32(fields))
 
 
 def control(type_: MessageType, body: dict, request: int = 0) -> Frame:
@@ -147,15 +158,18 @@ def kv_bytes(block: int, layer: int, length: int) -> bytes:
 async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
     """The next frame, or None at a clean end of stream. Raises ProtocolError otherwise."""
     try:
-        header = await reader.readexactly(HEADER.size)
+        data = await reader.readexactly(HEADER_SIZE)
     except asyncio.IncompleteReadError as exc:
         if not exc.partial:
             return None
-        raise ProtocolError(f"truncated header ({len(exc.partial)} of {HEADER.size} bytes)") \
+        raise ProtocolError(f"truncated header ({len(exc.partial)} of {HEADER_SIZE} bytes)") \
             from None
-    magic, version, type_, request, layer, block, length, checksum, count = HEADER.unpack(header)
+    magic, version, type_, request, layer, block, length, checksum, count = HEADER.unpack_from(data)
     if magic != MAGIC or version != VERSION:
         raise ProtocolError(f"bad magic/version {magic!r}/{version}")
+    [header_crc] = HEADER_CRC.unpack_from(data, HEADER.size)
+    if zlib.crc32(data[:HEADER.size]) != header_crc:
+        raise ProtocolError("header checksum mismatch")
     try:
         type_ = MessageType(type_)
     except ValueError:

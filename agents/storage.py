@@ -19,7 +19,7 @@ from pathlib import Path
 
 from agents import protocol
 from agents.kv import Geometry, parse_blocks
-from agents.protocol import ALL_LAYERS, HEADER, MAGIC, VERSION, Frame, MessageType, ProtocolError
+from agents.protocol import ALL_LAYERS, Frame, MessageType, ProtocolError, header
 from agents.runtime import Agent, run
 
 STORAGE_PORT = 7001
@@ -153,14 +153,14 @@ class StorageAgent(Agent):
                 self.log.warning("read of request %d: %s", frame.request, exc)
                 await protocol.write_frame(writer, protocol.error(str(exc), frame.request))
                 return
-            header = HEADER.pack(MAGIC, VERSION, MessageType.FULL_BLOCK, frame.request,
-                                 ALL_LAYERS, block_id, length, checksum, 1)
+            head = header(MessageType.FULL_BLOCK, frame.request, ALL_LAYERS, block_id, length,
+                          checksum, 1)
             with os.fdopen(fd, "rb") as f:
                 if payload is not None:
-                    writer.writelines([header, payload])
+                    writer.writelines([head, payload])
                     await writer.drain()
                 else:
-                    writer.write(header)
+                    writer.write(head)
                     await loop.sendfile(writer.transport, f, CRC.size, length)
             self.served["read_blocks"] += 1
             self.served["read_bytes"] += length
