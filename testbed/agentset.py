@@ -21,6 +21,7 @@ from testbed.errors import TestbedError
 from testbed.exporter import FabricExporter
 from testbed.fabric import Fabric
 from testbed.injector import FaultServer, Injector
+from testbed.interrupts import deferred_signals
 from testbed.plan import build_plan
 from testbed.prometheus import remove_targets, write_targets
 from testbed.topology import Topology
@@ -167,17 +168,18 @@ class RunningCluster:
         return self.fabric
 
     def __exit__(self, *exc) -> None:
-        remove_targets()
-        if self.fault_server:
-            self.fault_server.stop()
-            self.fault_server = None
-        try:
-            if self.exporter:
-                self.exporter.stop()
-                self.exporter = None
-        finally:
+        with deferred_signals():
+            remove_targets()
+            if self.fault_server:
+                self.fault_server.stop()
+                self.fault_server = None
             try:
-                if self.agents:
-                    self.agents.stop()
+                if self.exporter:
+                    self.exporter.stop()
+                    self.exporter = None
             finally:
-                self.fabric.down()
+                try:
+                    if self.agents:
+                        self.agents.stop()
+                finally:
+                    self.fabric.down()

@@ -6,7 +6,7 @@ import subprocess
 
 from agents.storage import DATA_ROOT
 from testbed.hosts import HOST_MARKER
-from testbed.state import STATE_FILE
+from testbed.state import STATE_DIR, STATE_FILE
 
 
 def find_leftovers() -> dict[str, list[str]]:
@@ -21,15 +21,19 @@ def find_leftovers() -> dict[str, list[str]]:
         capture_output=True, text=True).stdout.split()
     if containers:
         found["containers"] = containers
-    marked = subprocess.run(["grep", "-l", "-s", "-a", f"{HOST_MARKER}=",
-                             *[f"/proc/{p}/environ" for p in _pids()]],
-                            capture_output=True, text=True).stdout.split()
-    if marked:
-        found["processes"] = marked
+    for kind, marker in (("processes", HOST_MARKER),
+                         ("prometheus servers", "DUALPATH_TESTBED_SERVER")):
+        marked = subprocess.run(["grep", "-l", "-s", "-a", f"{marker}=",
+                                 *[f"/proc/{p}/environ" for p in _pids()]],
+                                capture_output=True, text=True).stdout.split()
+        if marked:
+            found[kind] = marked
     if DATA_ROOT.exists():
         found["storage files"] = [str(DATA_ROOT)]
-    if STATE_FILE.exists():
-        found["state file"] = [str(STATE_FILE)]
+    for name, path in (("state file", STATE_FILE), ("fault socket", STATE_DIR / "faults.sock"),
+                       ("scrape targets", STATE_DIR / "prometheus" / "targets.json")):
+        if path.exists():
+            found[name] = [str(path)]
     return found
 
 

@@ -103,3 +103,75 @@ def test_detached_fabric_status_exec_and_down():
     assert down.returncode == 0, down.stderr
     assert find_leftovers() == {}
     assert run_testbed("fabric", "status").returncode == 2
+
+
+SCENARIO = """topologies: [topologies/1p1d-g2.yaml]
+model: ds-27b
+workload: {kind: online, dataset: 64k, aps: [2], duration: 60, start_turn: 10, max_turns: 3}
+policies: [dualpath]
+faults: [{kind: link-flap, target: "n0:snic", at: 1, duration: 30}]
+"""
+
+
+def start_scenario(tmp_path, wait_for: str) -> tuple[subprocess.Popen, "Path"]:
+    """A scenario run in the background, once its output shows `wait_for`."""
+    scenario = tmp_path / "long.yaml"
+    scenario.write_text(SCENARIO)
+    log = tmp_path / "run.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen([sys.executable, "-m", "testbed", "scenario", "run",
+                                 str(scenario)], cwd=tmp_path, stdout=out,
+                                stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + UP_TIMEOUT
+    while wait_for not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    return proc, log
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_a_scenario_run_tears_everything_down(tmp_path, sig):
+    """Mid-run, with a link held down by a fault: the run stops, nothing stays behind (no
+    namespace, process, Prometheus server or fault socket), and the link's state dies with
+    the fabric."""
+    proc, log = start_scenario(tmp_path, "fault at")
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    assert "scenario interrupted; its cluster was torn down" in log.read_text()
+    assert find_leftovers() == {}
+
+
+def test_a_second_signal_during_teardown_does_not_cut_it_short(tmp_path):
+    proc, log = start_scenario(tmp_path, "fault at")
+    proc.send_signal(signal.SIGINT)
+    for _ in range(10):              # Ctrl-C, again and again, while it tears down
+        time.sleep(0.1)
+        if proc.poll() is not None:
+            break
+        proc.send_signal(signal.SIGINT)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    assert find_leftovers() == {}
+
+
+def test_signal_to_fabric_up_during_its_teardown_is_ignored():
+    proc = start_foreground("1p1d.yaml", "netns")
+    proc.send_signal(signal.SIGINT)
+    for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        time.sleep(0.05)
+        if proc.poll() is None:
+            proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and "torn down" in out, out
+    assert find_leftovers() == {}
+
+
+def test_sigkill_of_a_scenario_run_then_clean_removes_leftovers(tmp_path):
+    proc, log = start_scenario(tmp_path, "fault at")
+    proc.kill()
+    proc.wait(timeout=10)
+    left = find_leftovers()
+    assert left.get("links") and left.get("processes"), left
+    result = run_testbed("clean")
+    assert result.returncode == 0, result.stderr
+    assert find_leftovers() == {}
