@@ -64,17 +64,21 @@ def test_signal_during_startup_tears_down_what_was_built():
     assert find_leftovers() == {}
 
 
-def test_sigkill_then_clean_removes_leftovers():
-    proc = start_foreground("1p1d.yaml", "docker")
+def kill_then_clean(proc: subprocess.Popen, *expected: str) -> None:
+    """SIGKILL `proc`: what it leaves includes `expected`; `testbed clean` removes it all."""
     proc.kill()
     proc.wait(timeout=10)
     left = find_leftovers()
-    assert left.get("containers") and left.get("links"), left
+    assert all(left.get(kind) for kind in expected), left
     result = run_testbed("clean")
     assert result.returncode == 0, result.stderr
     assert "removed" in result.stdout
     assert find_leftovers() == {}
     assert "nothing to clean" in run_testbed("clean").stdout
+
+
+def test_sigkill_then_clean_removes_leftovers():
+    kill_then_clean(start_foreground("1p1d.yaml", "docker"), "containers", "links")
 
 
 def test_detached_fabric_status_exec_and_down():
@@ -167,11 +171,5 @@ def test_signal_to_fabric_up_during_its_teardown_is_ignored():
 
 
 def test_sigkill_of_a_scenario_run_then_clean_removes_leftovers(tmp_path):
-    proc, log = start_scenario(tmp_path, "fault at")
-    proc.kill()
-    proc.wait(timeout=10)
-    left = find_leftovers()
-    assert left.get("links") and left.get("processes"), left
-    result = run_testbed("clean")
-    assert result.returncode == 0, result.stderr
-    assert find_leftovers() == {}
+    proc, _ = start_scenario(tmp_path, "fault at")
+    kill_then_clean(proc, "links", "processes", "prometheus servers", "fault socket")

@@ -71,3 +71,26 @@ def test_a_grafana_refusing_annotations_is_reported_once_and_the_run_goes_on(sta
 def test_no_grafana_url_means_no_annotations(monkeypatch):
     monkeypatch.delenv("GRAFANA_URL", raising=False)
     assert annotator_from_env() is None
+
+
+def test_each_fault_action_is_logged_with_its_time_and_annotated(stand_in, capsys):
+    """The injector's log and annotation, on a cluster plan with no fabric behind it: the
+    kill cannot be carried out (no agents), which is logged as the action's error."""
+    from types import SimpleNamespace
+
+    from testbed.faults import FaultSpec
+    from testbed.injector import Injector
+    from testbed.plan import build_plan
+    from testbed.scenario import REPO
+    from testbed.topology import load_topology
+
+    plan = build_plan(load_topology(REPO / "topologies/1p1d-g2.yaml"))
+    injector = Injector(SimpleNamespace(plan=plan), None, Annotator(stand_in),
+                        tags=("policy:dualpath",))
+    [event] = injector.apply(FaultSpec(kind="kill", target="n0g1", at=0))
+    assert event["action"] == "n0g1 agent killed" and event["fault"] == "kill n0g1"
+    assert "runs no agents" in event["error"] and 0 <= event["t"] < 5
+    assert "fault at" in capsys.readouterr().out
+    [got] = StandIn.received
+    assert got["body"]["text"] == "fault: n0g1 agent killed"
+    assert got["body"]["tags"] == ["dualpath", "fault", "policy:dualpath"]
