@@ -122,6 +122,7 @@ class EngineAgent(Agent):
         if self.running_batch and run in self.running_batch.runs:
             self.running_batch.runs.remove(run)
         await run.fail(RuntimeError(f"request {run.request} abandoned"))
+        run.done.exception()          # nobody waits for it any more: seen, not reported
 
     async def stats(self, _message: dict) -> dict:
         return {**self.counters, **self.verifier.stats(), "role": self.role,
