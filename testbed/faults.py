@@ -97,21 +97,27 @@ def check_target(fault: FaultSpec, plan: ClusterPlan, field: str = "target") -> 
 
 
 def chaos_faults(chaos: ChaosSpec, plan: ClusterPlan, duration: float) -> list[FaultSpec]:
-    """Faults of every kind, in turn, at random times and on random targets, each with its
-    repair: a link down comes up, a killed agent restarts, a storage host comes back, a
+    """Faults of every kind, in turn, at random times and on random targets (an agent fault
+    on each role in turn), each with its repair: a link down comes up, a killed agent restarts, a storage host comes back, a
     slowed link gets its rate back. Nothing is left broken at `duration`."""
     rng = random.Random(chaos.seed)
     links = [f"{h.name}:{i.name}" for h in plan.hosts for i in h.interfaces if i.rate is not None]
-    agents = [h.name for h in plan.hosts if h.kind in AGENT_HOST_KINDS]
     storage = [h.name for h in plan.of_kind("storage")]
-    # kind, its repair (or None: it repairs itself), the targets it draws from
+    # Each kind of agent fault takes the roles in turn (engine, node, storage, scheduler), a
+    # random host of the role each time.
+    roles = [[h.name for h in plan.of_kind(kind)] for kind in AGENT_HOST_KINDS]
+    agent_faults: dict[str, int] = {}
+    # kind, its repair (or None: it repairs itself), the targets it draws from (None: agents)
     kinds = [("link-down", "link-up", links), ("link-flap", None, links),
-             ("link-rate", None, links), ("kill", "restart", agents),
-             ("restart", None, agents), ("storage-down", "storage-up", storage),
+             ("link-rate", None, links), ("kill", "restart", None),
+             ("restart", None, None), ("storage-down", "storage-up", storage),
              ("storage-slow", None, storage)]
     faults, at, turn = [], chaos.start, 0
     while at + chaos.repair < duration:
         kind, repair, targets = kinds[turn % len(kinds)]
+        if targets is None:
+            agent_faults[kind] = agent_faults.get(kind, -1) + 1
+            targets = roles[agent_faults[kind] % len(roles)]
         target = rng.choice(targets)
         faults.append(FaultSpec(kind=kind, target=target, at=round(at, 1),
                                 duration=chaos.repair, factor=0.1))

@@ -66,6 +66,8 @@ def test_chaos_is_repeatable_covers_every_kind_and_repairs_what_it_breaks():
     assert faults == chaos_faults(chaos, PLAN, 600)              # same seed, same faults
     assert faults != chaos_faults(ChaosSpec(seed=8, every=10, repair=5), PLAN, 600)
     assert set(KINDS) == {f.kind for f in faults}
+    killed = {PLAN.host(f.target).kind for f in faults if f.kind == "kill"}
+    assert killed == {"gpu", "node", "storage", "scheduler"}
     for f in faults:
         check_target(f, PLAN)
         assert f.at + chaos.repair <= 600
