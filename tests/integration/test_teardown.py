@@ -50,7 +50,8 @@ def test_signal_to_fabric_up_tears_everything_down(sig, backend):
     assert find_leftovers() == {}
 
 
-def test_signal_during_startup_tears_down_what_was_built():
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_startup_tears_down_what_was_built(sig):
     proc = subprocess.Popen(
         [sys.executable, "-m", "testbed", "fabric", "up", str(TOPOLOGIES / "2p4d.yaml")],
         cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -58,7 +59,7 @@ def test_signal_during_startup_tears_down_what_was_built():
     deadline = time.monotonic() + 60
     while not find_leftovers().get("containers") and time.monotonic() < deadline:
         time.sleep(0.1)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, _ = proc.communicate(timeout=120)
     assert "torn down" in out, out
     assert find_leftovers() == {}
@@ -134,12 +135,15 @@ def start_scenario(tmp_path, wait_for: str) -> tuple[subprocess.Popen, "Path"]:
     return proc, log
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
-def test_signal_during_a_scenario_run_tears_everything_down(tmp_path, sig):
-    """Mid-run, with a link held down by a fault: the run stops, nothing stays behind (no
-    namespace, process, Prometheus server or fault socket), and the link's state dies with
-    the fabric."""
-    proc, log = start_scenario(tmp_path, "fault at")
+@pytest.mark.parametrize("phase, sig", [(" agents, ", signal.SIGTERM),
+                                        ("fault at", signal.SIGINT),
+                                        ("fault at", signal.SIGTERM)],
+                         ids=["startup-SIGTERM", "run-SIGINT", "run-SIGTERM"])
+def test_signal_during_a_scenario_run_tears_everything_down(tmp_path, phase, sig):
+    """While its cluster comes up, or mid-run with a link held down by a fault: the run
+    stops, and nothing stays behind (no namespace, process, Prometheus server or fault
+    socket)."""
+    proc, log = start_scenario(tmp_path, phase)
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == 130, log.read_text()
     assert "scenario interrupted; its cluster was torn down" in log.read_text()
