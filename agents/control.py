@@ -22,6 +22,7 @@ async def serve_control(address: str, handlers: dict[str, Handler]) -> asyncio.b
     async def session(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         try:
             while line := await reader.readline():
+                op = None
                 try:
                     message = json.loads(line)
                     op = message.get("op")
@@ -29,7 +30,8 @@ async def serve_control(address: str, handlers: dict[str, Handler]) -> asyncio.b
                         raise ValueError(f"op: got {op!r}, expected one of {sorted(handlers)}")
                     reply = {"ok": True, **await handlers[op](message)}
                 except Exception as exc:   # a bad command must not end the agent
-                    log.warning("control %s failed: %s", line[:200], exc)
+                    log.warning("control %s failed: %s", op if isinstance(op, str) else
+                                line[:80], exc)
                     log.debug("%s", traceback.format_exc())
                     reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
                 writer.write(json.dumps(reply).encode() + b"\n")
