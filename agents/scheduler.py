@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -75,8 +76,9 @@ class SchedulerAgent(Agent):
         self.pending: dict[int, Pending] = {}
         self.decisions = {"prefill": 0, "decode": 0, "pe": 0, "de": 0, "split": 0}
         self.given_up: dict[int, set[str]] = {}     # request -> nodes that may hold its KV
-        self.configure_from({"policy": self.args.policy, "alpha": 0, "beta": 1 << 60,
-                             "hbm_tokens": 1 << 60, "buffer_tokens": 0})
+        self.configure_from(json.loads(self.args.configuration) if self.args.configuration
+                            else {"policy": self.args.policy, "alpha": 0, "beta": 1 << 60,
+                                  "hbm_tokens": 1 << 60, "buffer_tokens": 0})
         watched = [*gpus, *self.plan.of_kind("node")]
         self.health = ClusterHealth({h.name: h.address("mgmt") for h in watched},
                                     on_lost=self.lost, on_found=self.found)
@@ -341,6 +343,8 @@ class SchedulerAgent(Agent):
 
 def _args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--policy", default="dualpath")
+    parser.add_argument("--configuration", help="JSON: what `configure` takes (a restarted "
+                                                "scheduler starts as its predecessor was)")
 
 
 if __name__ == "__main__":

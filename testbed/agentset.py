@@ -39,9 +39,9 @@ class AgentSet:
     def __init__(self, fabric: Fabric):
         self.fabric = fabric
         self.processes: dict[str, subprocess.Popen] = {}
-        # Control calls that configured an agent, made again when it restarts (the
-        # scheduler's policy and thresholds).
-        self.configuration: dict[str, tuple[str, dict]] = {}
+        # Arguments an agent is started with from now on: a restarted scheduler gets the
+        # policy and thresholds it was configured with, before it takes any request.
+        self.restart_args: dict[str, list[str]] = {}
 
     def _command(self, host: str, program: str) -> tuple[list[str], dict]:
         topology = self.fabric.plan.topology.model_dump_json()
@@ -59,8 +59,9 @@ class AgentSet:
                 self._spawn(host.name, "w")
         self._wait_ready(self.processes)
 
-    def _spawn(self, name: str, mode: str) -> None:
+    def _spawn(self, name: str, mode: str, args: list[str] = ()) -> None:
         cmd, env = self._command(name, PROGRAMS[self.fabric.plan.host(name).kind])
+        cmd += args
         with open(LOG_DIR / f"{name}.log", mode) as log:
             self.processes[name] = self.fabric.node(name).popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -78,14 +79,11 @@ class AgentSet:
         return True
 
     def restart(self, name: str) -> None:
-        """Start the host's agent again (killing it first if it runs), wait until it answers
-        and give it its configuration again."""
+        """Start the host's agent again (killing it first if it runs), with its
+        `restart_args`, and wait until it answers."""
         self.kill(name)
-        self._spawn(name, "a")      # the log keeps what the earlier run wrote
+        self._spawn(name, "a", self.restart_args.get(name, []))   # "a": the log is kept
         self._wait_ready({name: self.processes[name]})
-        if name in self.configuration:
-            op, fields = self.configuration[name]
-            call(self.fabric.plan.host(name).address("mgmt"), op, timeout=30, **fields)
 
     def _wait_ready(self, processes: dict[str, subprocess.Popen]) -> None:
         deadline = time.monotonic() + READY_SECONDS

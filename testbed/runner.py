@@ -302,7 +302,7 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
     mean_append = sum(t.append for t in turns) // len(turns)
     configuration = {"policy": policy, **thresholds(plan, profile, mean_context, mean_append)}
     await acall(scheduler, "configure", **configuration)
-    cluster.agents.configuration["sched"] = ("configure", configuration)
+    cluster.agents.restart_args["sched"] = ["--configuration", json.dumps(configuration)]
     agents, cache = warm_start(plan, profile, workload)
     outcome = Outcome()
     records = outcome.records

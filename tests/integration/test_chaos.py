@@ -6,6 +6,8 @@ from __future__ import annotations
 import csv
 import json
 
+import pytest
+
 from testbed.faults import FaultSpec
 from testbed.runner import run_scenario
 from testbed.scenario import load_scenario
@@ -14,6 +16,7 @@ from tests.integration.leftovers import find_leftovers
 KINDS = set(FaultSpec.model_fields["kind"].annotation.__args__)
 
 
+@pytest.mark.timeout(1500)
 def test_chaos_accounts_for_every_turn_and_every_fault_and_leaves_nothing(tmp_path):
     scenario = load_scenario("chaos")
     assert scenario.workload.duration == 600 and scenario.workload.kind == "online"
