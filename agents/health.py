@@ -33,6 +33,7 @@ class AgentHealth:
     links: dict[str, bool] = field(default_factory=dict)
     missed: int = 0
     reason: str = ""
+    seen: bool = False          # answered at least once
 
     def link(self, name: str) -> bool:
         return self.alive and self.links.get(name, True)
@@ -64,6 +65,7 @@ class ClusterHealth:
             self.lost(agent, f"{agent.host} unreachable ({type(exc).__name__}: {exc})")
             return
         agent.missed = 0
+        seen_before, agent.seen = agent.seen, True
         if agent.instance is not None and reply["instance"] != agent.instance:
             self.lost(agent, f"{agent.host} restarted")
         changed = reply.get("links", {}) != agent.links
@@ -73,12 +75,14 @@ class ClusterHealth:
             log.warning("%s: link %s down", agent.host, ", ".join(down))
         if not agent.alive or changed:
             if not agent.alive:
-                log.warning("%s answers again (instance %s)", agent.host, agent.instance[:8])
+                log.log(logging.WARNING if seen_before else logging.INFO,
+                        "%s answers %s(instance %s)", agent.host,
+                        "again " if seen_before else "", agent.instance[:8])
             agent.alive, agent.reason = True, ""
             self.on_found(agent.host)
 
     def lost(self, agent: AgentHealth, reason: str) -> None:
-        if agent.alive and agent.instance is None:    # never answered: still starting
+        if not agent.seen:                             # never answered: still starting
             log.info("%s not up yet", agent.host)
             agent.alive, agent.reason, agent.missed = False, reason, 0
         elif agent.alive or agent.instance is not None:
