@@ -33,7 +33,7 @@ async def serve_control(address: str, handlers: dict[str, Handler]) -> asyncio.b
                     log.warning("control %s failed: %s", op if isinstance(op, str) else
                                 line[:80], exc)
                     log.debug("%s", traceback.format_exc())
-                    reply = {"ok": False, "error": f"{type(exc).__name__}: {exc}"}
+                    reply = {"ok": False, "error": error_text(exc)}
                 writer.write(json.dumps(reply).encode() + b"\n")
                 await writer.drain()
         except (ConnectionError, asyncio.IncompleteReadError):
@@ -43,6 +43,12 @@ async def serve_control(address: str, handlers: dict[str, Handler]) -> asyncio.b
 
     return await asyncio.start_server(session, address, CONTROL_PORT, limit=16 << 20,
                                       reuse_address=True)
+
+
+def error_text(exc: BaseException) -> str:
+    """An exception as a reason: its type and message (some, such as a timeout, have no
+    message)."""
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
 
 
 def call(address: str, op: str, timeout: float = 3600.0, **fields) -> dict:
@@ -64,7 +70,7 @@ def call(address: str, op: str, timeout: float = 3600.0, **fields) -> dict:
 async def acall(address: str, op: str, timeout: float = 3600.0, **fields) -> dict:
     """The same call from inside an agent, without blocking its event loop."""
     reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(address, CONTROL_PORT, limit=16 << 20), 10.0)
+        asyncio.open_connection(address, CONTROL_PORT, limit=16 << 20), min(10.0, timeout))
     try:
         writer.write(json.dumps({"op": op, **fields}).encode() + b"\n")
         await writer.drain()

@@ -21,7 +21,7 @@ import time
 from collections import deque
 
 from agents import protocol
-from agents.control import acall
+from agents.control import acall, error_text
 from prometheus_client import Histogram
 
 from agents.gpu import Gpu
@@ -106,11 +106,15 @@ class EngineAgent(Agent):
 
     def control_handlers(self) -> dict:
         return {**super().control_handlers(), "prefill": self.prefill, "decode": self.decode,
-                "reset": self.reset}
+                "reset": self.reset, "cancel": self.cancel}
 
     async def reset(self, _message: dict) -> dict:
         """A new scheduler abandons what an earlier one placed: stop every request's part."""
-        tasks = list(self.work.values())
+        return await self.cancel({"requests": list(self.work)})
+
+    async def cancel(self, message: dict) -> dict:
+        """Stop these requests' parts (the scheduler gave them up), freeing what they hold."""
+        tasks = [self.work[r] for r in map(int, message["requests"]) if r in self.work]
         for task in tasks:
             task.cancel()
         await asyncio.gather(*tasks, return_exceptions=True)
@@ -197,8 +201,9 @@ class EngineAgent(Agent):
             try:
                 reply = await acall(scheduler, "fetch", timeout=10, group=self.host.node,
                                     role=self.role, engine=self.host.name)
-            except (OSError, RuntimeError):
-                await asyncio.sleep(IDLE_FETCH_SECONDS)      # no scheduler running
+            except Exception as exc:     # no scheduler running, or one going away mid-reply
+                self.log.debug("fetch: %s", error_text(exc))
+                await asyncio.sleep(IDLE_FETCH_SECONDS)
                 continue
             for work in reply["assignments"]:
                 asyncio.create_task(self.hand_over(scheduler, work))
@@ -209,7 +214,7 @@ class EngineAgent(Agent):
             try:
                 await acall(host.address("mgmt"), "ping", timeout=IDLE_FETCH_SECONDS)
                 return True
-            except (OSError, RuntimeError):
+            except Exception:            # gone, or going: either way not leading
                 return False
         return any(await asyncio.gather(*map(answers, hosts)))
 
@@ -220,7 +225,7 @@ class EngineAgent(Agent):
             result = await acall(self.address(work["engine"], "mgmt"), work["op"], **work["args"])
             report = {"result": result}
         except Exception as exc:
-            report = {"error": str(exc)}
+            report = {"error": error_text(exc)}
         try:
             await acall(scheduler, "complete", request=request, phase=work["op"], **report)
         except Exception as exc:
@@ -455,7 +460,8 @@ class EngineAgent(Agent):
                 profile.all_to_all_bytes(len(jobs)) * profile.layers.value / self.scale))
             step = time.monotonic() - t
             for job in jobs:
-                job.token(step, self)
+                if job.request in self.batch:     # not abandoned during the step
+                    job.token(step, self)
 
     async def persist(self, job: "DecodeJob", block: Block) -> None:
         node = self.connection(self.host.node, "pcie", NODE_PORT, protocol.DSCP_CS1, "persist")
@@ -816,8 +822,7 @@ class DecodeJob:
                 self.persisting.append(asyncio.create_task(engine.persist(self, block)))
         if self.generated >= self.generate:
             engine.batch.pop(self.request, None)
-            if not self.done.done():      # (a decode abandoned mid-step has cancelled it)
-                self.done.set_result(None)
+            self.done.set_result(None)
 
 
 if __name__ == "__main__":

@@ -12,12 +12,14 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 import time
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily
 
 from agents import protocol
+from agents.control import error_text
 from agents.links import link_up
 from agents.metrics import counter, gauge, labelled, verifier_metrics
 from agents.kv import Block, Geometry, Verifier, full_block_frame, layer_frame, parse_blocks, placement
@@ -88,21 +90,47 @@ class Prompt:
             self.complete.set()
 
 
-class StorageLink:
-    """One connection to one storage host over the SNIC; one exchange at a time."""
+class Reachability:
+    """Which storage hosts did not answer lately: they are passed over for
+    UNREACHABLE_SECONDS, so that reads go to their replicas at once instead of each waiting
+    for a connection to time out."""
 
-    def __init__(self, address: str):
-        self.address = address
+    def __init__(self, log: logging.Logger) -> None:
+        self.log = log
+        self.until: dict[str, tuple[float, str]] = {}    # host -> (until, why)
+
+    def failed(self, host: str, why: str) -> None:
+        self.log.warning("storage host %s unreachable: %s", host, why)
+        self.until[host] = (time.monotonic() + UNREACHABLE_SECONDS, why)
+
+    def why_not(self, host: str) -> str | None:
+        """Why `host` is passed over, or None if it is not."""
+        until, why = self.until.get(host, (0.0, ""))
+        return why if until > time.monotonic() else None
+
+    def best_first(self, hosts: list[str]) -> list[str]:
+        return sorted(hosts, key=lambda h: self.why_not(h) is not None)
+
+
+class StorageLink:
+    """One connection to one storage host over the SNIC; one exchange at a time. A host that
+    does not answer (refused, silent, broken mid-reply) is marked in `reachability`, and
+    every exchange waiting behind the failed one gives up at once with the reason."""
+
+    def __init__(self, host: str, address: str, reachability: Reachability):
+        self.host, self.address, self.reachability = host, address, reachability
         self.lock = asyncio.Lock()
         self.streams = None
 
     async def exchange(self, send: list[Frame], on_reply, replies: int) -> None:
         async with self.lock:
-            if self.streams is None:
-                self.streams = await protocol.open_connection(self.address, STORAGE_PORT,
-                                                              protocol.DSCP_CS1)
-            reader, writer = self.streams
+            if (why := self.reachability.why_not(self.host)) is not None:
+                raise PeerError(f"storage host {self.host} unreachable: {why}")
             try:
+                if self.streams is None:
+                    self.streams = await protocol.open_connection(self.address, STORAGE_PORT,
+                                                                  protocol.DSCP_CS1)
+                reader, writer = self.streams
                 for frame in send:
                     await protocol.write_frame(writer, frame)
                 for _ in range(replies):
@@ -111,11 +139,17 @@ class StorageLink:
                 # The storage agent stops answering a READ at its first ERROR: the
                 # connection is in a known state.
                 raise
-            except BaseException:
+            except BaseException as exc:
                 # Replies may be left unread (cancelled, broken, malformed): start afresh.
-                writer.close()
+                if self.streams:
+                    self.streams[1].close()
                 self.streams = None
-                raise
+                if not isinstance(exc, (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError,
+                                        ProtocolError)):
+                    raise
+                self.reachability.failed(self.host, error_text(exc))
+                raise PeerError(f"storage host {self.host} unreachable: "
+                                f"{error_text(exc)}") from None
 
 
 class NodeAgent(Agent):
@@ -126,13 +160,15 @@ class NodeAgent(Agent):
         self.buffer = Buffer(int(self.args.dram_bytes / topology.scale))
         self.storage_hosts = [h.name for h in self.plan.of_kind("storage")]
         self.replicas = topology.storage.replicas
-        self.links = {h: StorageLink(self.address(h, "stor")) for h in self.storage_hosts}
+        self.reachability = Reachability(self.log)
+        self.links = {h: StorageLink(h, self.address(h, "stor"), self.reachability)
+                      for h in self.storage_hosts}
         # Writes have links of their own: the SNIC is full duplex, and a write (a decode's
         # FETCH waits for it) must not queue behind the reads of the same host.
-        self.write_links = {h: StorageLink(self.address(h, "stor")) for h in self.storage_hosts}
+        self.write_links = {h: StorageLink(h, self.address(h, "stor"), self.reachability)
+                            for h in self.storage_hosts}
         self.prompts: dict[int, Prompt] = {}
         self.dropped: set[int] = set()         # requests that failed: never wait for them
-        self.unreachable: dict[str, tuple[float, str]] = {}   # storage host -> (until, why)
         self.read_queue_tokens = 0
         self.verifier = Verifier()
         self.counters = {"storage_read_bytes": 0, "storage_write_bytes": 0,
@@ -231,8 +267,8 @@ class NodeAgent(Agent):
             for attempt in range(self.replicas):
                 by_host: dict[str, list[Block]] = {}
                 for block in pending:
-                    hosts = self.by_reachability(placement(block[0], self.storage_hosts,
-                                                           self.replicas))
+                    hosts = self.reachability.best_first(placement(
+                        block[0], self.storage_hosts, self.replicas))
                     host = next((h for h in hosts if h not in tried.setdefault(block[0], set())),
                                 None)
                     if host:
@@ -251,15 +287,8 @@ class NodeAgent(Agent):
         finally:
             self.read_queue_tokens -= tokens
 
-    def by_reachability(self, hosts: list[str]) -> list[str]:
-        now = time.monotonic()
-        return sorted(hosts, key=lambda h: self.unreachable.get(h, (0.0, ""))[0] > now)
-
     async def _read_from(self, host: str, request: int, geometry: Geometry, blocks: list[Block],
                          got: dict[int, bytes]) -> None:
-        until, why = self.unreachable.get(host, (0.0, ""))
-        if until > time.monotonic():
-            raise PeerError(f"storage host {host} unreachable: {why}")
         tokens = dict(blocks)
         order = iter(blocks)
 
@@ -273,13 +302,7 @@ class NodeAgent(Agent):
 
         read = protocol.control(MessageType.READ, {"geometry": geometry.to_json(),
                                                    "blocks": blocks}, request)
-        try:
-            await self.links[host].exchange([read], keep, len(blocks))
-        except (OSError, asyncio.IncompleteReadError, ProtocolError) as exc:
-            why = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
-            self.unreachable[host] = (time.monotonic() + UNREACHABLE_SECONDS, why)
-            self.log.warning("storage host %s unreachable: %s", host, why)
-            raise PeerError(f"storage host {host} unreachable: {why}") from None
+        await self.links[host].exchange([read], keep, len(blocks))
 
     async def write_block(self, geometry: Geometry, block: Block, payload: bytes) -> None:
         """To every replica that answers; it fails only if none took the block (a read
@@ -288,16 +311,10 @@ class NodeAgent(Agent):
         frame.type = MessageType.WRITE
         failures, hosts = [], placement(block[0], self.storage_hosts, self.replicas)
         for host in hosts:
-            until, why = self.unreachable.get(host, (0.0, ""))
-            if until > time.monotonic():
-                failures.append(f"{host} unreachable: {why}")
-                continue
             try:
                 await self.write_links[host].exchange([frame], lambda _ack: None, 1)
-            except (ProtocolError, OSError, asyncio.IncompleteReadError, PeerError) as exc:
-                if not isinstance(exc, PeerError):
-                    self.unreachable[host] = (time.monotonic() + UNREACHABLE_SECONDS, str(exc))
-                failures.append(f"{host}: {type(exc).__name__}: {exc}")
+            except PeerError as exc:
+                failures.append(f"{host}: {exc}")
                 continue
             self.counters["storage_write_bytes"] += len(payload)
         if len(failures) == len(hosts):
@@ -375,7 +392,7 @@ class NodeAgent(Agent):
         geometry = Geometry.from_json(body["geometry"])
         blocks, expected = parse_blocks(body["blocks"]), parse_blocks(body["prompt"])
         persist = parse_blocks(body.get("persist", []))
-        prompt = self.prompt(frame.request)
+        self.prompt(frame.request)          # a given-up request is refused before any room
         try:
             prompt = await self.hold(frame.request, geometry.blocks_bytes(blocks))
             for layer in range(geometry.layers):

@@ -39,13 +39,15 @@ from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
-from agents.control import acall
+from agents.control import acall, error_text
 from agents.health import ClusterHealth
 from agents.kv import parse_blocks
 from agents.metrics import gauge
 from agents.policies import load_policy
 from agents.runtime import Agent, run
 from agents.scheduling import EngineState, Request, read_plan
+
+GIVEN_UP_KEPT = 100_000    # given-up requests remembered, to drop the KV of a late finisher
 
 
 @dataclass
@@ -75,17 +77,20 @@ class SchedulerAgent(Agent):
         self.read_q = {n.name: 0 for n in self.plan.of_kind("node")}   # tokens
         self.pending: dict[int, Pending] = {}
         self.decisions = {"prefill": 0, "decode": 0, "pe": 0, "de": 0, "split": 0}
-        self.given_up: dict[int, set[str]] = {}     # request -> nodes that may hold its KV
+        # request -> nodes that may hold its KV (the latest GIVEN_UP_KEPT)
+        self.given_up: dict[int, set[str]] = {}
         self.configure_from(json.loads(self.args.configuration) if self.args.configuration
                             else {"policy": self.args.policy, "alpha": 0, "beta": 1 << 60,
                                   "hbm_tokens": 1 << 60, "buffer_tokens": 0})
-        watched = [*gpus, *self.plan.of_kind("node")]
-        self.health = ClusterHealth({h.name: h.address("mgmt") for h in watched},
-                                    on_lost=self.lost, on_found=self.found)
-        abandoned = await asyncio.gather(*(self.reset(h.name) for h in watched))
-        if any(abandoned):
-            self.log.warning("abandoned what an earlier scheduler placed: %d requests",
-                             sum(abandoned))
+        nodes = self.plan.of_kind("node")
+        self.health = ClusterHealth({h.name: h.address("mgmt") for h in [*gpus, *nodes]},
+                                    on_lost=self.lost)
+        # Engines first: a prefill stopped after its node's reset could still push KV there.
+        abandoned = sum(await asyncio.gather(*(self.reset(h.name) for h in gpus)))
+        abandoned += sum(await asyncio.gather(*(self.reset(h.name) for h in nodes)))
+        if abandoned:
+            self.log.warning("abandoned what an earlier scheduler placed: %d request parts",
+                             abandoned)
         self.watching = asyncio.create_task(self.health.watch())
 
     def control_handlers(self) -> dict:
@@ -95,7 +100,7 @@ class SchedulerAgent(Agent):
     async def reset(self, host: str) -> int:
         try:
             reply = await acall(self.address(host, "mgmt"), "reset", timeout=5)
-        except (OSError, RuntimeError):
+        except (OSError, RuntimeError, asyncio.TimeoutError):
             return 0           # not running yet (a fresh cluster), or gone
         return reply.get("dropped", 0)
 
@@ -245,7 +250,8 @@ class SchedulerAgent(Agent):
             # DualPath's second path as failover: read where a SNIC is up.
             pe_ok, de_ok = self.can_read(pe.node), self.can_read(p.de.node)
             if not (pe_ok or de_ok):
-                self.give_up(p, f"no SNIC to read with: {pe.node} and {p.de.node} both down")
+                self.give_up(p, f"no node can read from storage: {pe.node} and {p.de.node} "
+                                "have their SNIC down or their agent gone")
                 return None
             if not pe_ok:
                 p.path, share = "de", None
@@ -265,14 +271,15 @@ class SchedulerAgent(Agent):
         request = int(m["request"])
         p = self.pending.get(request)
         if p is None or p.done.done():
-            # Given up while it ran: whatever it left in DRAM goes too.
-            self.drop_kv(request, self.given_up.get(request, set()))
+            # Given up while it ran (or placed by an earlier scheduler): whatever it left
+            # in DRAM goes too.
+            self.drop_kv(request, self.given_up.get(request, set(self.read_q)))
             return {"known": False}
         op = m["phase"]
         engine = p.pe if op == "prefill" else p.de
         self.close(p, op)
-        if m.get("error"):
-            self.give_up(p, f"{op} on {engine.name}: {m['error']}")
+        if "error" in m:
+            self.give_up(p, f"{op} on {engine.name}: {m['error'] or 'failed'}")
             return {"known": True}
         p.results[op] = m["result"]
         if op == "prefill":
@@ -305,6 +312,8 @@ class SchedulerAgent(Agent):
         r = p.request
         nodes = set(p.reads) | {e.node for e in (p.pe, p.de) if e}
         for phase in list(p.open):
+            engine = p.pe if phase == "prefill" else p.de
+            asyncio.create_task(self.call_quietly(engine.name, "cancel", requests=[r.id]))
             self.close(p, phase)
         for queue in (self.global_de, self.pe_waiting, *self.private.values()):
             if r in queue:
@@ -312,19 +321,22 @@ class SchedulerAgent(Agent):
         for group, work in self.ready.items():
             self.ready[group] = [w for w in work if w["args"]["request"] != r.id]
         self.given_up[r.id] = nodes
+        while len(self.given_up) > GIVEN_UP_KEPT:
+            del self.given_up[next(iter(self.given_up))]
         self.drop_kv(r.id, nodes)
         self.log.warning("request %d failed: %s", r.id, reason)
         p.done.set_exception(RuntimeError(reason))
 
     def drop_kv(self, request: int, nodes: set[str]) -> None:
         for node in nodes:
-            asyncio.create_task(self.drop_on(node, request))
+            asyncio.create_task(self.call_quietly(node, "drop", requests=[request]))
 
-    async def drop_on(self, node: str, request: int) -> None:
+    async def call_quietly(self, host: str, op: str, **fields) -> None:
+        """A best-effort call: the agent may be the one that is gone."""
         try:
-            await acall(self.address(node, "mgmt"), "drop", timeout=10, requests=[request])
-        except (OSError, RuntimeError) as exc:
-            self.log.info("could not drop request %d on %s: %s", request, node, exc)
+            await acall(self.address(host, "mgmt"), op, timeout=10, **fields)
+        except Exception as exc:
+            self.log.info("%s on %s: %s", op, host, error_text(exc))
 
     def lost(self, host: str, reason: str) -> None:
         """An engine or node went away: every request it had a part in fails."""
@@ -336,9 +348,6 @@ class SchedulerAgent(Agent):
                 involved |= {p.de.name, p.de.node, p.via.get("decode")}
             if host in involved:
                 self.give_up(p, f"lost {reason}")
-
-    def found(self, host: str) -> None:
-        self.log.info("%s registered: %s", host, self.health[host].links)
 
 
 def _args(parser: argparse.ArgumentParser) -> None:

@@ -66,9 +66,6 @@ class AgentSet:
             self.processes[name] = self.fabric.node(name).popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
 
-    def has_agent(self, name: str) -> bool:
-        return name in self.processes
-
     def kill(self, name: str) -> bool:
         """SIGKILL the host's agent, as a crash would; False if it was not running."""
         proc = self.processes[name]
@@ -171,6 +168,7 @@ class RunningCluster:
             if self.fault_server:
                 self.fault_server.stop()
                 self.fault_server = None
+            self.injector.close()       # a live fault still under way ends first
             try:
                 if self.exporter:
                     self.exporter.stop()

@@ -96,6 +96,7 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
             signal.signal(sig, signal.SIG_IGN)   # let teardown finish
         if faults:
             faults.stop()
+            faults.injector.close()
         if agents:
             agents.stop()
         fabric.down()   # a no-op if up() already tore down after a failure

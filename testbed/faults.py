@@ -24,9 +24,6 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from testbed.errors import TestbedError
 from testbed.plan import ClusterPlan
 
-LinkKind = Literal["link-down", "link-up", "link-flap", "link-rate"]
-AgentKind = Literal["kill", "restart"]
-StorageKind = Literal["storage-down", "storage-up", "storage-slow"]
 FaultKind = Literal["link-down", "link-up", "link-flap", "link-rate", "kill", "restart",
                     "storage-down", "storage-up", "storage-slow"]
 LINK_KINDS = ("link-down", "link-up", "link-flap", "link-rate")

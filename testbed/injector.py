@@ -47,6 +47,12 @@ class Injector:
         self.events: list[dict] = []
         self.started = time.time()
         self.lock = threading.Lock()      # one action at a time, from whichever thread
+        self.closed = False               # the fabric is being torn down: no more actions
+
+    def close(self) -> None:
+        """Refuse actions from now on; returns once the one under way (if any) is done."""
+        with self.lock:
+            self.closed = True
 
     # -- faults -----------------------------------------------------------------------------
     def apply(self, fault: FaultSpec, source: str = "scenario") -> list[dict]:
@@ -90,9 +96,11 @@ class Injector:
         with self.lock:
             error = None
             try:
+                if self.closed:
+                    raise TestbedError("the fabric is being torn down")
                 do(*args)
-            except (TestbedError, OSError, RuntimeError) as exc:
-                error = str(exc) or type(exc).__name__
+            except Exception as exc:      # a fault not carried out is logged as such, and
+                error = str(exc) or type(exc).__name__   # the run's other faults go on
             now = time.time()
             event = {"t": round(now - self.started, 2), "wall": now, "fault": fault.describe(),
                      "action": what, "source": source, "error": error}

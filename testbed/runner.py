@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from agents.control import acall
+from agents.control import acall, error_text
 from agents.kv import Block, Geometry
 from agents.node import DE_BUFFER_SHARE, DRAM_BYTES
 from agents.scheduling import alpha_tokens, beta_tokens
@@ -138,10 +138,6 @@ async def submit(scheduler: str, request: int, **fields) -> dict:
             await asyncio.sleep(RETRY_SECONDS)
 
 
-def _reason(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
-
-
 async def run_agent(agent: Agent, scheduler: str, geometry: Geometry, model: str,
                     outcome: Outcome, started: float, cache: set[int], client: ClientView,
                     ) -> None:
@@ -163,8 +159,8 @@ async def run_agent(agent: Agent, scheduler: str, geometry: Geometry, model: str
                                       generate=turn.generate,
                                       generated_block_base=base + GENERATED_BLOCKS)
                 break
-            except (OSError, RuntimeError, ValueError) as exc:
-                reason = _reason(exc)
+            except (OSError, RuntimeError, ValueError, asyncio.TimeoutError) as exc:
+                reason = error_text(exc)
                 if attempt < ATTEMPTS:
                     await asyncio.sleep(RETRY_SECONDS)
         else:
