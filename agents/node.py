@@ -38,6 +38,10 @@ RESERVE_TIMEOUT = 600.0
 # A storage host that did not answer is passed over for this long: reads go to its replicas
 # at once, instead of each waiting for a connection to time out.
 UNREACHABLE_SECONDS = 5.0
+# Hinted handoff: a block a replica missed while it was unreachable is kept (up to this many
+# emulated bytes) and written to it once it answers again, so that its copies come back.
+HANDOFF_BYTES = 256 << 20
+HANDOFF_SECONDS = 1.0
 
 
 class Buffer:
@@ -174,9 +178,12 @@ class NodeAgent(Agent):
         self.counters = {"storage_read_bytes": 0, "storage_write_bytes": 0,
                          "layer_bytes_local": 0, "layer_bytes_remote": 0,
                          "pushed_bytes": 0, "fetched_bytes": 0, "persisted_blocks": 0,
-                         "errors": 0}
+                         "errors": 0, "handed_off_blocks": 0}
         self.local_gpus = {g.address("cnic") for g in self.plan.of_kind("gpu")
                            if g.node == self.host.name}
+        self.handoff: dict[str, dict[int, Frame]] = {}   # host -> block id -> its WRITE
+        self.handoff_bytes = 0
+        self.replaying = asyncio.create_task(self.replay_handoffs())
         await protocol.serve(self.session, self.host.address("pcie"), NODE_PORT,
                              protocol.DSCP_CS1)
 
@@ -199,7 +206,8 @@ class NodeAgent(Agent):
     async def stats(self, _message: dict) -> dict:
         return {**self.counters, **self.verifier.stats(), "read_queue_tokens": self.read_queue_tokens,
                 "buffer_used": self.buffer.used, "buffer_capacity": self.buffer.capacity,
-                "requests_in_dram": len(self.prompts)}
+                "requests_in_dram": len(self.prompts),
+                "handoff_pending": sum(map(len, self.handoff.values()))}
 
     def metrics(self):
         scale, c = self.plan.topology.scale, self.counters
@@ -309,19 +317,47 @@ class NodeAgent(Agent):
         later finds it on the replicas that did)."""
         frame = full_block_frame(geometry, block, payload=payload)
         frame.type = MessageType.WRITE
-        failures, hosts = [], placement(block[0], self.storage_hosts, self.replicas)
+        failures, hosts = {}, placement(block[0], self.storage_hosts, self.replicas)
         for host in hosts:
             try:
                 await self.write_links[host].exchange([frame], lambda _ack: None, 1)
             except PeerError as exc:
-                failures.append(f"{host}: {exc}")
+                failures[host] = f"{host}: {exc}"
                 continue
             self.counters["storage_write_bytes"] += len(payload)
         if len(failures) == len(hosts):
-            raise PeerError(f"writing block {block[0]}: " + "; ".join(failures))
+            raise PeerError(f"writing block {block[0]}: " + "; ".join(failures.values()))
         if failures:
-            self.log.warning("block %d written to fewer replicas: %s", block[0],
-                             "; ".join(failures))
+            self.log.warning("block %d written to fewer replicas, handed off: %s", block[0],
+                             "; ".join(failures.values()))
+            for host in failures:
+                self.hand_off(host, block[0], frame)
+
+    def hand_off(self, host: str, block_id: int, frame: Frame) -> None:
+        held = self.handoff.setdefault(host, {})
+        held[block_id] = frame
+        self.handoff_bytes += len(frame.payload)
+        while self.handoff_bytes > HANDOFF_BYTES:       # the oldest hint goes first
+            fullest = max(self.handoff.values(), key=len)
+            dropped = fullest.pop(next(iter(fullest)))
+            self.handoff_bytes -= len(dropped.payload)
+            self.log.warning("handoff full: a block stays short of a replica")
+
+    async def replay_handoffs(self) -> None:
+        """Write the handed-off blocks to their hosts as soon as these answer again."""
+        while True:
+            await asyncio.sleep(HANDOFF_SECONDS)
+            for host, held in list(self.handoff.items()):
+                while held and self.reachability.why_not(host) is None:
+                    block_id, frame = next(iter(held.items()))
+                    try:
+                        await self.write_links[host].exchange([frame], lambda _ack: None, 1)
+                    except PeerError:
+                        break                   # still gone: the next round tries again
+                    if held.pop(block_id, None) is frame:
+                        self.handoff_bytes -= len(frame.payload)
+                        self.counters["storage_write_bytes"] += len(frame.payload)
+                        self.counters["handed_off_blocks"] += 1
 
     async def write_blocks(self, geometry: Geometry, blocks: list[tuple[Block, bytes]]) -> None:
         for block, payload in blocks:

@@ -76,6 +76,19 @@ def test_storage_host_down_reads_come_from_the_replicas(tmp_path):
     assert [e["action"] for e in result["faults"]] == ["st0:stor down", "st0 agent killed"]
 
 
+def test_blocks_written_while_a_replica_was_down_reach_it_once_it_is_back(tmp_path):
+    """st1 is down while decodes persist blocks (they land on st0 alone, handed off), comes
+    back (the handoff writes them to it), then st0 goes down: later turns, whose context
+    holds those blocks, read them from st1."""
+    result = run("dualpath", [{"kind": "storage-down", "target": "st1", "at": 0},
+                              {"kind": "storage-up", "target": "st1", "after_turns": 8},
+                              {"kind": "storage-down", "target": "st0", "after_turns": 16}],
+                 replicated_topology(tmp_path, 2), agents=8, turns=4)
+    assert not result["failures"], result["failures"][:2]
+    st0_down = result["faults"][-1]["wall"] - result["wall"][0]
+    assert any(r["submitted"] > st0_down for r in result["records"])
+
+
 def test_storage_host_down_without_replicas_fails_turns_naming_the_host():
     result = run("dualpath", [{"kind": "storage-down", "target": "st0", "at": 0}], agents=4,
                  turns=2)
