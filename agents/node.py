@@ -130,30 +130,41 @@ class StorageLink:
         async with self.lock:
             if (why := self.reachability.why_not(self.host)) is not None:
                 raise PeerError(f"storage host {self.host} unreachable: {why}")
-            try:
-                if self.streams is None:
-                    self.streams = await protocol.open_connection(self.address, STORAGE_PORT,
-                                                                  protocol.DSCP_CS1)
-                reader, writer = self.streams
-                for frame in send:
-                    await protocol.write_frame(writer, frame)
-                for _ in range(replies):
-                    on_reply(await protocol.expect(reader, MessageType.FULL_BLOCK, MessageType.ACK))
-            except PeerError:
-                # The storage agent stops answering a READ at its first ERROR: the
-                # connection is in a known state.
-                raise
-            except BaseException as exc:
-                # Replies may be left unread (cancelled, broken, malformed): start afresh.
-                if self.streams:
-                    self.streams[1].close()
-                self.streams = None
-                if not isinstance(exc, (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError,
-                                        ProtocolError)):
+            # A connection kept from earlier may have been closed by a storage agent that
+            # restarted since: one that breaks before any reply is tried once more, afresh
+            # (READ and WRITE may be sent twice).
+            for fresh in (self.streams is None, True):
+                answered = 0
+                try:
+                    if self.streams is None:
+                        self.streams = await protocol.open_connection(
+                            self.address, STORAGE_PORT, protocol.DSCP_CS1)
+                    reader, writer = self.streams
+                    for frame in send:
+                        await protocol.write_frame(writer, frame)
+                    for _ in range(replies):
+                        reply = await protocol.expect(reader, MessageType.FULL_BLOCK,
+                                                      MessageType.ACK)
+                        answered += 1
+                        on_reply(reply)
+                    return
+                except PeerError:
+                    # The storage agent stops answering a READ at its first ERROR: the
+                    # connection is in a known state.
                     raise
-                self.reachability.failed(self.host, error_text(exc))
-                raise PeerError(f"storage host {self.host} unreachable: "
-                                f"{error_text(exc)}") from None
+                except BaseException as exc:
+                    # Replies may be left unread (cancelled, broken, malformed): start afresh.
+                    if self.streams:
+                        self.streams[1].close()
+                    self.streams = None
+                    if not isinstance(exc, (OSError, asyncio.IncompleteReadError,
+                                            asyncio.TimeoutError, ProtocolError)):
+                        raise
+                    if not fresh and not answered:
+                        continue
+                    self.reachability.failed(self.host, error_text(exc))
+                    raise PeerError(f"storage host {self.host} unreachable: "
+                                    f"{error_text(exc)}") from None
 
 
 class NodeAgent(Agent):
