@@ -24,10 +24,9 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 from testbed.errors import TestbedError
 from testbed.plan import ClusterPlan
 
-FaultKind = Literal["link-down", "link-up", "link-flap", "link-rate", "kill", "restart",
-                    "storage-down", "storage-up", "storage-slow"]
 LINK_KINDS = ("link-down", "link-up", "link-flap", "link-rate")
 STORAGE_KINDS = ("storage-down", "storage-up", "storage-slow")
+FaultKind = Literal[LINK_KINDS + ("kill", "restart") + STORAGE_KINDS]   # the kinds, once
 # Agents a fault may kill: every kind but the client, which is the testbed process itself.
 AGENT_HOST_KINDS = ("gpu", "node", "storage", "scheduler")
 
