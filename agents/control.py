@@ -13,6 +13,8 @@ import socket
 import traceback
 from collections.abc import Awaitable, Callable
 
+from agents.clock import clock
+
 CONTROL_PORT = 7000
 Handler = Callable[[dict], Awaitable[dict]]
 log = logging.getLogger("control")
@@ -52,8 +54,9 @@ def error_text(exc: BaseException) -> str:
 
 
 def call(address: str, op: str, timeout: float = 3600.0, **fields) -> dict:
-    """Blocking control call from outside the agents (CLI, tests). Raises on failure."""
-    with socket.create_connection((address, CONTROL_PORT), timeout=timeout) as sock:
+    """Blocking control call from outside the agents (CLI, tests), `timeout` in emulated
+    seconds. Raises on failure."""
+    with socket.create_connection((address, CONTROL_PORT), timeout=clock.wall(timeout)) as sock:
         sock.sendall(json.dumps({"op": op, **fields}).encode() + b"\n")
         data = b""
         while not data.endswith(b"\n"):
@@ -70,11 +73,12 @@ def call(address: str, op: str, timeout: float = 3600.0, **fields) -> dict:
 async def acall(address: str, op: str, timeout: float = 3600.0, **fields) -> dict:
     """The same call from inside an agent, without blocking its event loop."""
     reader, writer = await asyncio.wait_for(
-        asyncio.open_connection(address, CONTROL_PORT, limit=16 << 20), min(10.0, timeout))
+        asyncio.open_connection(address, CONTROL_PORT, limit=16 << 20),
+        clock.wall(min(10.0, timeout)))
     try:
         writer.write(json.dumps({"op": op, **fields}).encode() + b"\n")
         await writer.drain()
-        line = await asyncio.wait_for(reader.readline(), timeout)
+        line = await asyncio.wait_for(reader.readline(), clock.wall(timeout))
     finally:
         writer.close()
     if not line:

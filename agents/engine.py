@@ -17,9 +17,9 @@ Oracle mode skips every KV transfer, keeping only compute and all-to-all.
 from __future__ import annotations
 
 import asyncio
-import time
 from collections import deque
 
+from agents.clock import clock
 from agents import protocol
 from agents.control import acall, error_text
 from prometheus_client import Histogram
@@ -78,14 +78,14 @@ class EngineAgent(Agent):
         self.prefill_gpus = [h for h in self.plan.of_kind("gpu") if h.role == "prefill"]
         self.unfinished: dict[int, int] = {}      # request -> tokens
         self.scale = self.plan.topology.scale
-        self.gpu = Gpu()
+        self.gpu = Gpu(self.timeliness.kernel_lateness)
         self.compute_seconds = Histogram(
             "dualpath_engine_layer_compute_seconds",
-            "Wall time of one prefill layer's compute for a batch, or of one decode step",
+            "Emulated time of one prefill layer's compute for a batch, or of one decode step",
             ["phase"], buckets=(0.001, 0.002, 0.005, 0.01, 0.02, 0.03, 0.05, 0.1, 0.2, 0.5),
             registry=self.registry)
         self.all_to_all_seconds = Histogram(
-            "dualpath_engine_all_to_all_seconds", "Wall time of one all-to-all exchange",
+            "dualpath_engine_all_to_all_seconds", "Emulated time of one all-to-all exchange",
             buckets=(0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.5),
             registry=self.registry)
         self.batch: dict[int, DecodeJob] = {}     # decode: the requests stepping together
@@ -196,18 +196,18 @@ class EngineAgent(Agent):
         lower = group[:group.index(self.host)]
         while True:
             if lower and await self.any_answers(lower):
-                await asyncio.sleep(IDLE_FETCH_SECONDS)
+                await clock.sleep(IDLE_FETCH_SECONDS)
                 continue
             try:
                 reply = await acall(scheduler, "fetch", timeout=10, group=self.host.node,
                                     role=self.role, engine=self.host.name)
             except Exception as exc:     # no scheduler running, or one going away mid-reply
                 self.log.debug("fetch: %s", error_text(exc))
-                await asyncio.sleep(IDLE_FETCH_SECONDS)
+                await clock.sleep(IDLE_FETCH_SECONDS)
                 continue
             for work in reply["assignments"]:
                 asyncio.create_task(self.hand_over(scheduler, work))
-            await asyncio.sleep(FETCH_SECONDS)
+            await clock.sleep(FETCH_SECONDS)
 
     async def any_answers(self, hosts) -> bool:
         async def answers(host) -> bool:
@@ -235,11 +235,11 @@ class EngineAgent(Agent):
     async def all_to_all(self, request: int, layer: int, total_bytes: int) -> float:
         """One layer's expert-parallel exchange: this GPU's share goes to every peer
         (dispatch) and comes back (combine), all of it EF."""
-        now = time.monotonic()
+        now = clock.now()
         peers = [p for p in self.peers if self.peers_gone.get(p.name, 0.0) <= now]
         if not peers or total_bytes <= 0:
             return 0.0
-        started = time.monotonic()
+        started = clock.now()
         share = max(1, total_bytes // len(peers))
 
         async def one(peer) -> None:
@@ -251,7 +251,7 @@ class EngineAgent(Agent):
             except (OSError, asyncio.IncompleteReadError, ProtocolError) as exc:
                 # A peer that is gone leaves the expert-parallel group, as a real group is
                 # rebuilt without a failed rank; it is tried again after PEER_GONE_SECONDS.
-                self.peers_gone[peer.name] = time.monotonic() + PEER_GONE_SECONDS
+                self.peers_gone[peer.name] = clock.now() + PEER_GONE_SECONDS
                 self.log.warning("all-to-all without %s for %.0f s: %s", peer.name,
                                  PEER_GONE_SECONDS, exc)
                 return
@@ -261,7 +261,7 @@ class EngineAgent(Agent):
             self.counters["all_to_all_bytes_received"] += len(back.payload)
 
         await asyncio.gather(*(one(p) for p in peers))
-        seconds = time.monotonic() - started
+        seconds = clock.now() - started
         self.all_to_all_seconds.observe(seconds)
         return seconds
 
@@ -353,7 +353,7 @@ class EngineAgent(Agent):
         need = sum(t for _, t in prompt) + generate
         self.unfinished[request] = need
         self.work[request] = asyncio.current_task()
-        started = time.monotonic()
+        started = clock.now()
         fetched = verify_seconds = 0
         h2d_window = None
         allocated = False
@@ -362,7 +362,7 @@ class EngineAgent(Agent):
             # request short of HBM waits there for others to finish.
             await self.allocate_hbm(request, need, int(m.get("hbm_tokens", 1 << 60)))
             allocated = True
-            hbm_wait = time.monotonic() - started
+            hbm_wait = clock.now() - started
             if not oracle:
                 # A fetch waits until the prompt KV is complete: a connection of its own.
                 node = Connection(self.address(self.host.node, "pcie"), NODE_PORT,
@@ -373,11 +373,11 @@ class EngineAgent(Agent):
                     h2d_window = [h2d_start, h2d_start + h2d]
                 finally:
                     node.reset()
-                arrived = time.monotonic()
+                arrived = clock.now()
                 for block, frame in zip(prompt, frames):
                     self.verifier.full_block(geometry, block, frame.payload)
                     fetched += len(frame.payload)
-                verify_seconds = time.monotonic() - arrived
+                verify_seconds = clock.now() - arrived
                 self.counters["prompt_bytes_fetched"] += fetched
             else:
                 h2d = 0.0
@@ -397,12 +397,12 @@ class EngineAgent(Agent):
                 async with self.hbm_freed:
                     self.hbm_used -= need
                     self.hbm_freed.notify_all()
-        return {"seconds": time.monotonic() - started, "hbm_wait_seconds": hbm_wait,
+        return {"seconds": clock.now() - started, "hbm_wait_seconds": hbm_wait,
                 "h2d_seconds": h2d,
                 "h2d_window": h2d_window, "verify_seconds": verify_seconds,
                 "prompt_bytes": fetched, "steps": len(job.steps),
-                "first_token_wall": job.first_token_wall,
-                "second_token_wall": job.second_token_wall, "end_wall": time.time(),
+                "first_token_at": job.first_token_at,
+                "second_token_at": job.second_token_at, "end_at": clock.time(),
                 "tpot": sum(job.steps) / len(job.steps) if job.steps else 0.0,
                 "persisted": job.persisted, "verifier": self.verifier.stats()}
 
@@ -417,24 +417,24 @@ class EngineAgent(Agent):
     async def fetch_prompt(self, conn: Connection, request: int, geometry: Geometry,
                            prompt: list[Block]) -> tuple[float, float, list[Frame]]:
         """The bulk H2D: ask the node for the prompt KV, which it sends once complete.
-        Returns the copy's seconds from its first byte, that first byte's wall-clock time,
-        and the blocks."""
+        Returns the copy's seconds from its first byte, that first byte's time (clock.time():
+        comparable across hosts), and the blocks."""
         async with conn.lock:
             reader, writer = await conn.get()
             await protocol.write_frame(writer, protocol.control(MessageType.FETCH, {
                 "geometry": geometry.to_json(), "prompt": prompt}, request))
-            frames, first, first_wall = [], None, 0.0
+            frames, first, first_at = [], None, 0.0
             while True:
                 frame = await protocol.expect(reader, MessageType.FULL_BLOCK, MessageType.ACK)
                 if first is None:
-                    first, first_wall = time.monotonic(), time.time()
+                    first, first_at = clock.now(), clock.time()
                 if frame.type == MessageType.ACK:
                     break
                 frames.append(frame)
         if len(frames) != len(prompt):
             raise ProtocolError(f"request {request}: got {len(frames)} prompt blocks, "
                                 f"expected {len(prompt)}")
-        return time.monotonic() - first, first_wall, frames
+        return clock.now() - first, first_at, frames
 
     async def step_loop(self) -> None:
         """Decode steps while any request is decoding: one step generates a token for every
@@ -452,13 +452,13 @@ class EngineAgent(Agent):
         while self.batch:
             jobs = list(self.batch.values())
             profile = jobs[0].profile
-            t = time.monotonic()
+            t = clock.now()
             await self.gpu.run(profile.decode_step_seconds(sum(j.context for j in jobs)))
-            self.compute_seconds.labels("decode").observe(time.monotonic() - t)
+            self.compute_seconds.labels("decode").observe(clock.now() - t)
             # One exchange per step carries every layer's all-to-all for the batch's tokens.
             await self.all_to_all(jobs[0].request, 0, round(
                 profile.all_to_all_bytes(len(jobs)) * profile.layers.value / self.scale))
-            step = time.monotonic() - t
+            step = clock.now() - t
             for job in jobs:
                 if job.request in self.batch:     # not abandoned during the step
                     job.token(step, self)
@@ -512,7 +512,7 @@ class PrefillRun:
         self.timings = dict.fromkeys(("queue", "load_wait", "load", "layer_wait", "compute",
                                       "all_to_all", "push"), 0.0)
         self.moved = {"layer_bytes": 0, "pushed_bytes": 0, "load_window": None}
-        self.started = time.monotonic()
+        self.started = clock.now()
         self.loading: asyncio.Task | None = None
         self.acks: asyncio.Task | None = None     # the push's ACK, once every layer is in
         self.done = asyncio.get_running_loop().create_future()
@@ -522,7 +522,7 @@ class PrefillRun:
         self._close()
         if self.done.done():
             return
-        self.done.set_result({"seconds": time.monotonic() - self.started,
+        self.done.set_result({"seconds": clock.now() - self.started,
                               "timings": self.timings, **self.moved,
                               "verifier": self.engine.verifier.stats()})
 
@@ -566,7 +566,7 @@ class PrefillRun:
         """The hit KV's Full Blocks, from storage into the read node's DRAM."""
         if self.oracle or not self.hit:
             return
-        t, wall = time.monotonic(), time.time()
+        t, at = clock.now(), clock.time()
         # Every node's load ends before a failure is raised, so that dropping the request
         # afterwards frees what each node loaded.
         results = await asyncio.gather(*(self.engine.exchange(source.load_conn, [
@@ -576,8 +576,8 @@ class PrefillRun:
         for result in results:
             if isinstance(result, BaseException):
                 raise result
-        self.timings["load"] = time.monotonic() - t
-        self.moved["load_window"] = [wall, time.time()]   # wall clock: comparable across hosts
+        self.timings["load"] = clock.now() - t
+        self.moved["load_window"] = [at, clock.time()]   # clock.time(): comparable across hosts
 
     def layer_read(self, source: "ReadSource", layer: int) -> Frame:
         # The decode node keeps its copy: it is part of the prompt the decode fetches.
@@ -619,7 +619,7 @@ class PrefillRun:
         waits for."""
         if self.oracle or not self.sent:
             return
-        t = time.monotonic()
+        t = clock.now()
         data = layer_frame(self.geometry, self.miss, layer, self.request)
         if len(self.sent) > len(self.miss):       # hit KV read away from the decode node
             data.payload = self.received.pop(layer, b"") + data.payload
@@ -640,7 +640,7 @@ class PrefillRun:
             await self.acks
         self.engine.counters["kv_bytes_pushed"] += len(data.payload)
         self.moved["pushed_bytes"] += len(data.payload)
-        self.timings["push"] += time.monotonic() - t
+        self.timings["push"] += clock.now() - t
 
 
 class ReadSource:
@@ -668,11 +668,11 @@ class PrefillBatch:
     async def run(self) -> None:
         self.engine.counters["prefill_batches"] += 1
         self.engine.counters["prefill_requests"] += len(self.runs)
-        t = time.monotonic()
+        t = clock.now()
         for member in self.runs:
             member.timings["queue"] = t - member.started       # waiting for its batch
         await self.each(PrefillRun.loaded)
-        self.charge("load_wait", time.monotonic() - t)         # the batch waits for loads
+        self.charge("load_wait", clock.now() - t)         # the batch waits for loads
         if self.runs and self.runs[0].layerwise:
             await self.layerwise()
         elif self.runs:
@@ -702,9 +702,9 @@ class PrefillBatch:
         exchanging = pushing = None
         try:
             for layer in range(self.layers):
-                t = time.monotonic()
+                t = clock.now()
                 await loading
-                self.charge("layer_wait", time.monotonic() - t)
+                self.charge("layer_wait", clock.now() - t)
                 if layer + 1 < self.layers:
                     loading = asyncio.create_task(self.load_layer(layer + 1))
                 await self.compute(layer)
@@ -723,10 +723,10 @@ class PrefillBatch:
 
     async def whole(self) -> None:
         """Without layerwise prefill: all KV into HBM, compute, then all KV out."""
-        t = time.monotonic()
+        t = clock.now()
         for layer in range(self.layers):
             await self.load_layer(layer)
-        self.charge("layer_wait", time.monotonic() - t)
+        self.charge("layer_wait", clock.now() - t)
         for layer in range(self.layers):
             await self.compute(layer)
             await self.exchange(layer)
@@ -768,12 +768,12 @@ class PrefillBatch:
     async def compute(self, layer: int) -> None:
         if not self.runs:
             return
-        t = time.monotonic()
+        t = clock.now()
         seconds = sum(member.layer_seconds for member in self.runs)
         await self.engine.gpu.run(seconds)
         self.engine.counters["compute_seconds"] += seconds
-        self.engine.compute_seconds.labels("prefill").observe(time.monotonic() - t)
-        self.charge("compute", time.monotonic() - t)
+        self.engine.compute_seconds.labels("prefill").observe(clock.now() - t)
+        self.charge("compute", clock.now() - t)
 
     async def exchange(self, layer: int) -> None:
         """The layer's expert-parallel all-to-all. Layerwise prefill overlaps it with the
@@ -798,8 +798,8 @@ class DecodeJob:
         self.context, self.generate, self.block_base, self.oracle = context, generate, block_base, oracle
         self.generated = 0
         self.steps: list[float] = []
-        self.first_token_wall: float | None = None
-        self.second_token_wall: float | None = None
+        self.first_token_at: float | None = None
+        self.second_token_at: float | None = None
         self.persisted: list[Block] = []
         self.persisting: list[asyncio.Task] = []
         self.done = asyncio.get_running_loop().create_future()
@@ -808,10 +808,10 @@ class DecodeJob:
         self.generated += 1
         self.context += 1
         self.steps.append(step_seconds)
-        if self.first_token_wall is None:
-            self.first_token_wall = time.time()
-        elif self.second_token_wall is None:
-            self.second_token_wall = time.time()
+        if self.first_token_at is None:
+            self.first_token_at = clock.time()
+        elif self.second_token_at is None:
+            self.second_token_at = clock.time()
         if self.generated % PERSIST_TOKENS == 0:
             # Persisted as soon as the block is full, while decoding goes on (D2H, then
             # the node writes it to storage). Oracle moves no KV but still counts the

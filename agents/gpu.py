@@ -5,6 +5,12 @@ lateness would stretch every step of a busy engine: decode steps of an engine th
 fetching prompts would take longer than the same steps of an idle one, a cost of the host,
 not of the emulated cluster. So each kernel's lateness is made up from the kernels after it:
 over a run the GPU is busy for the profile's time, as long as the host keeps up at all.
+
+The make-up hides lateness from the figures, so each kernel's own lateness, as a share of
+its time and before any make-up, goes to `lateness` for the run's fidelity verdict: a host
+that keeps kernels late is not emulating the cluster, however well the make-up catches up.
+Only what the host adds beyond the timer's own granularity counts.
+Times are emulated seconds (agents/clock.py).
 """
 
 from __future__ import annotations
@@ -12,23 +18,34 @@ from __future__ import annotations
 import asyncio
 import time
 
+from agents.clock import clock
+from agents.fidelity import Quantiles
+
 # The most lateness carried forward. A host so loaded that it falls further behind is limiting
 # the run (the runner's CPU watch reports that), and catching up more would bunch kernels.
 MAX_MADE_UP_SECONDS = 0.1
+# asyncio waits on epoll with a timeout rounded up to whole milliseconds: any timer may fire
+# up to this late on an idle host. The fidelity verdict judges what the host adds beyond it;
+# the make-up absorbs the rounding itself.
+TIMER_GRANULARITY = 0.001
 
 
 class Gpu:
-    def __init__(self):
+    def __init__(self, lateness: Quantiles | None = None):
         self.lock = asyncio.Lock()
         self.late = 0.0          # seconds the kernels so far ran over their profile time
         self.busy = 0.0          # profile seconds of every kernel run
+        self.lateness = lateness if lateness is not None else Quantiles()
 
     async def run(self, seconds: float) -> None:
         """One kernel of `seconds` (profile time); returns when it has completed."""
         async with self.lock:
             made_up = min(self.late, seconds)
             started = time.monotonic()
-            await asyncio.sleep(seconds - made_up)
-            overshoot = time.monotonic() - started - (seconds - made_up)
+            await clock.sleep(seconds - made_up)
+            overshoot = clock.emulated(time.monotonic() - started) - (seconds - made_up)
+            if seconds > 0:
+                beyond_timer = overshoot - clock.emulated(TIMER_GRANULARITY)
+                self.lateness.add(max(0.0, beyond_timer) / seconds)
             self.late = min(MAX_MADE_UP_SECONDS, self.late - made_up + max(0.0, overshoot))
             self.busy += seconds

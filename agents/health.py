@@ -15,6 +15,7 @@ import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
+from agents.clock import clock
 from agents.control import acall, error_text
 
 HEALTH_SECONDS = 1.0
@@ -52,7 +53,7 @@ class ClusterHealth:
                                            return_exceptions=True)
             for error in (r for r in results if isinstance(r, Exception)):
                 log.error("health check failed: %s", error_text(error))   # a bug: keep watching
-            await asyncio.sleep(HEALTH_SECONDS)
+            await clock.sleep(HEALTH_SECONDS)
 
     async def check(self, agent: AgentHealth) -> None:
         try:

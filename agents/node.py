@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import time
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily
 
+from agents.clock import clock
 from agents import protocol
 from agents.control import error_text
 from agents.links import link_up
@@ -58,7 +58,8 @@ class Buffer:
         async with self._freed:
             try:
                 await asyncio.wait_for(
-                    self._freed.wait_for(lambda: self.used + size <= self.capacity), timeout)
+                    self._freed.wait_for(lambda: self.used + size <= self.capacity),
+                    clock.wall(timeout))
             except asyncio.TimeoutError:
                 raise PeerError(f"no room for {size} bytes in DRAM after {timeout:.0f} s "
                                 f"({self.used} of {self.capacity} in use)") from None
@@ -105,12 +106,12 @@ class Reachability:
 
     def failed(self, host: str, why: str) -> None:
         self.log.warning("storage host %s unreachable: %s", host, why)
-        self.until[host] = (time.monotonic() + UNREACHABLE_SECONDS, why)
+        self.until[host] = (clock.now() + UNREACHABLE_SECONDS, why)
 
     def why_not(self, host: str) -> str | None:
         """Why `host` is passed over, or None if it is not."""
         until, why = self.until.get(host, (0.0, ""))
-        return why if until > time.monotonic() else None
+        return why if until > clock.now() else None
 
     def best_first(self, hosts: list[str]) -> list[str]:
         return sorted(hosts, key=lambda h: self.why_not(h) is not None)
@@ -357,7 +358,7 @@ class NodeAgent(Agent):
     async def replay_handoffs(self) -> None:
         """Write the handed-off blocks to their hosts as soon as these answer again."""
         while True:
-            await asyncio.sleep(HANDOFF_SECONDS)
+            await clock.sleep(HANDOFF_SECONDS)
             for host, held in list(self.handoff.items()):
                 while held and self.reachability.why_not(host) is None:
                     block_id, frame = next(iter(held.items()))
@@ -400,7 +401,7 @@ class NodeAgent(Agent):
     async def on_load(self, frame: Frame, reader, writer, peer) -> None:
         body = frame.json()
         geometry, blocks = Geometry.from_json(body["geometry"]), parse_blocks(body["blocks"])
-        started = time.monotonic()
+        started = clock.now()
         try:
             fulls = await self.read_blocks(frame.request, geometry, blocks)
         except BaseException:
@@ -411,7 +412,7 @@ class NodeAgent(Agent):
         prompt.loaded, prompt.geometry = blocks, geometry
         prompt.check()
         await protocol.write_frame(writer, protocol.control(MessageType.ACK, {
-            "seconds": time.monotonic() - started, "bytes": sum(map(len, fulls.values()))},
+            "seconds": clock.now() - started, "bytes": sum(map(len, fulls.values()))},
             frame.request))
 
     async def on_layer_read(self, frame: Frame, reader, writer, peer) -> None:

@@ -51,11 +51,14 @@ from __future__ import annotations
 import asyncio
 import enum
 import json
+import math
 import random
 import socket
 import struct
 import zlib
 from dataclasses import dataclass
+
+from agents.clock import clock
 
 MAGIC = b"DP"
 VERSION = 2
@@ -212,6 +215,7 @@ async def expect(reader: asyncio.StreamReader, *types: MessageType) -> Frame:
 # kernel gives up on the connection once sent data or keepalive probes have gone unanswered
 # this long, and the waiting side sees a ConnectionError instead of hanging for minutes. A
 # live peer acknowledges probes however busy it is, and a short link flap is survived.
+# Emulated seconds, like every duration: the kernel is given them in wall time.
 DEAD_PEER_SECONDS = 15
 KEEPALIVE_IDLE_SECONDS, KEEPALIVE_INTERVAL_SECONDS = 5, 2
 
@@ -221,11 +225,14 @@ def _mark(sock: socket.socket, dscp: int) -> None:
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
     # Options of a listening socket are inherited by the connections it accepts.
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE_SECONDS)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_INTERVAL_SECONDS)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE,
+                    math.ceil(clock.wall(KEEPALIVE_IDLE_SECONDS)))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL,
+                    math.ceil(clock.wall(KEEPALIVE_INTERVAL_SECONDS)))
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT,
                     (DEAD_PEER_SECONDS - KEEPALIVE_IDLE_SECONDS) // KEEPALIVE_INTERVAL_SECONDS)
-    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT, DEAD_PEER_SECONDS * 1000)
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT,
+                    round(clock.wall(DEAD_PEER_SECONDS) * 1000))
 
 
 async def open_connection(host: str, port: int, dscp: int,
@@ -236,7 +243,7 @@ async def open_connection(host: str, port: int, dscp: int,
     sock.setblocking(False)
     loop = asyncio.get_running_loop()
     try:
-        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), timeout)
+        await asyncio.wait_for(loop.sock_connect(sock, (host, port)), clock.wall(timeout))
     except BaseException:
         sock.close()
         raise

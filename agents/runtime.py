@@ -11,6 +11,8 @@ import sys
 import uuid
 from collections.abc import Iterator
 
+from agents.clock import clock
+from agents.fidelity import Timeliness
 from agents.links import link_up
 from agents.metrics import agent_registry, serve_metrics
 from testbed.plan import ClusterPlan, Host, build_plan
@@ -31,6 +33,7 @@ class Agent:
         self.log = logging.getLogger(f"{self.name}:{host.name}")
         self.registry = agent_registry()     # histograms an agent keeps register here
         self.instance = uuid.uuid4().hex      # a restarted agent answers with a new one
+        self.timeliness = Timeliness()        # loop lag and kernel lateness, for the verdict
 
     async def start(self) -> None:
         raise NotImplementedError
@@ -43,7 +46,11 @@ class Agent:
         return iter(())
 
     def control_handlers(self) -> dict:
-        return {"ping": self.ping, "stats": self.stats}
+        return {"ping": self.ping, "stats": self.stats, "fidelity": self.fidelity}
+
+    async def fidelity(self, message: dict) -> dict:
+        """This agent's timeliness since the last reset (`reset: true` starts anew)."""
+        return self.timeliness.report(bool(message.get("reset")))
 
     async def ping(self, _message: dict) -> dict:
         """Who answers, which run of it, and whether each of its fabric links is up."""
@@ -68,6 +75,7 @@ def run(agent_class: type[Agent], extra_args=None) -> None:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO, stream=sys.stderr,
                         format=f"%(asctime)s {args.host} %(name)s %(levelname)s %(message)s")
     plan = build_plan(Topology.model_validate_json(args.topology_json))
+    clock.set_dilation(plan.topology.dilation)
     agent = agent_class(plan, plan.host(args.host), args)
 
     async def main() -> None:
@@ -76,6 +84,7 @@ def run(agent_class: type[Agent], extra_args=None) -> None:
         loop = asyncio.get_running_loop()
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
+        agent.timeliness.start()
         await agent.start()
         await serve_control(agent.host.address("mgmt"), agent.control_handlers())
         serve_metrics(agent, agent.host.address("mgmt"))

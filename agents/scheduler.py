@@ -33,12 +33,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
-import time
 from collections import deque
 from dataclasses import dataclass, field
 
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 
+from agents.clock import clock
 from agents.control import acall, error_text
 from agents.health import ClusterHealth
 from agents.kv import parse_blocks
@@ -54,7 +54,7 @@ GIVEN_UP_KEPT = 100_000    # given-up requests remembered, to drop the KV of a l
 class Pending:
     request: Request
     body: dict                     # what the client submitted
-    submitted: float = field(default_factory=time.time)
+    submitted: float = field(default_factory=clock.time)
     pe: EngineState | None = None
     de: EngineState | None = None
     path: str | None = None

@@ -37,6 +37,16 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _fixed_dilation(text: str) -> float:
+    """--time-dilation for a fabric brought up by hand: a number (auto needs a scenario)."""
+    from testbed.dilation import dilation_argument
+    value = dilation_argument(text)
+    if isinstance(value, str):
+        raise TestbedError("--time-dilation: got 'auto', expected a number >= 1 for a fabric "
+                           "brought up by hand (auto pilots a scenario's runs)")
+    return value
+
+
 def cmd_topology_check(args: argparse.Namespace) -> int:
     from testbed.plan import build_plan
     from testbed.topology import load_topology
@@ -57,6 +67,8 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
     from testbed.topology import load_topology
 
     overrides = {"backend": args.backend} if args.backend else {}
+    if args.time_dilation is not None:
+        overrides["time_dilation"] = _fixed_dilation(args.time_dilation)
     plan = build_plan(load_topology(args.topology, **overrides))
     refuse_if_running()
     if args.detach:
@@ -116,6 +128,8 @@ def _detach(args: argparse.Namespace) -> int:
         cmd.append("--no-agents")
     if args.backend:
         cmd += ["--backend", args.backend]
+    if args.time_dilation is not None:
+        cmd += ["--time-dilation", args.time_dilation]
     spawned = time.monotonic()
     with open(LOG_FILE, "w") as log:
         owner = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=log,
@@ -200,8 +214,10 @@ def cmd_request(args: argparse.Namespace) -> int:
     from testbed.report import request_table
     from testbed.request import RequestSpec, run_request
     from testbed.topology import Topology
+    from agents.clock import clock
     record = _running_record()
     plan = build_plan(Topology.model_validate_json(record.topology_json))
+    clock.set_dilation(plan.topology.dilation)      # the report's times are emulated
     decode_gpu = args.decode_gpu or next(h.name for h in plan.of_kind("gpu")
                                          if h.role == "decode")
     spec = RequestSpec(args.model, args.context, args.append, args.generate, args.path,
@@ -223,13 +239,15 @@ def cmd_scenario_run(args: argparse.Namespace) -> int:
     from testbed.runner import run_scenario
     from testbed.scenario import load_scenario
     from testbed.state import fabric_running
+    from testbed.dilation import dilation_argument
+    dilation = None if args.time_dilation is None else dilation_argument(args.time_dilation)
     scenario = load_scenario(args.scenario)
     if fabric_running():
         raise TestbedError("a fabric is up: a scenario brings up its own; "
                            "`testbed fabric down` first")
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        run_scenario(scenario)
+        run_scenario(scenario, dilation=dilation)
     except (KeyboardInterrupt, Stop):
         print("\nscenario interrupted; its cluster was torn down", file=sys.stderr)
         return 130
@@ -271,6 +289,8 @@ def build_parser() -> argparse.ArgumentParser:
     up.add_argument("topology", help="topology file, e.g. topologies/1p1d.yaml")
     up.add_argument("--backend", choices=["docker", "netns"],
                     help="override the topology's host backend")
+    up.add_argument("--time-dilation", metavar="N",
+                    help="time-dilation factor: link rates / N, agents' durations x N")
     up.add_argument("--detach", action="store_true",
                     help="return once the fabric is up and leave it running")
     up.add_argument("--no-agents", action="store_true",
@@ -310,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
         dest="scenario_command", required=True, metavar="ACTION")
     srun = scenario.add_parser("run", help="run a scenario: each policy on the same workload")
     srun.add_argument("scenario", help="a name in scenarios/ or a path")
+    srun.add_argument("--time-dilation", metavar="N|auto",
+                      help="run every topology at this time-dilation factor (a number >= 1), "
+                           "or pick it by pilot runs (auto); overrides the scenario's")
     srun.set_defaults(func=cmd_scenario_run)
 
     from testbed.faults import FaultSpec

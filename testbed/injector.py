@@ -14,7 +14,6 @@ inside its container on the docker backend); its links stay up.
 from __future__ import annotations
 
 import json
-import os
 import socket
 import socketserver
 import threading
@@ -25,6 +24,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 from pyroute2 import IPRoute
 
+from agents.clock import clock
 from testbed import qos
 from testbed.annotations import Annotator
 from testbed.errors import TestbedError
@@ -45,9 +45,19 @@ class Injector:
         self.fabric, self.agents = fabric, agents
         self.annotator, self.tags = annotator, tags
         self.events: list[dict] = []
-        self.started = time.time()
+        self.started = clock.time()      # emulated: event times are run times
         self.lock = threading.Lock()      # one action at a time, from whichever thread
         self.closed = False               # the fabric is being torn down: no more actions
+        # What the faults made of the links, for the fidelity verdict's link pace: rates
+        # changed and links taken down, by (host, interface).
+        self.rates: dict[tuple[str, str], int] = {}
+        self.down: set[tuple[str, str]] = set()
+
+    def intended_rate(self, host: str, intf: str) -> int | None:
+        """A link's rate as the testbed means it now (bits/s), or None while it is down."""
+        if (host, intf) in self.down:
+            return None
+        return self.rates.get((host, intf), self.fabric.plan.host(host).interface(intf).rate)
 
     def close(self) -> None:
         """Refuse actions from now on; returns once the one under way (if any) is done."""
@@ -67,7 +77,7 @@ class Injector:
                          self._link, host, intf, kind == "link-up")
         elif kind == "link-flap":
             self._action(fault, source, f"{fault.target} down", self._link, host, intf, False)
-            time.sleep(fault.duration)
+            clock.pause(fault.duration)
             self._action(fault, source, f"{fault.target} up", self._link, host, intf, True)
         elif kind in ("link-rate", "storage-slow"):
             if kind == "storage-slow":
@@ -88,7 +98,7 @@ class Injector:
         self._action(fault, source, f"{host}:{intf} at {fault.factor:g}x rate",
                      self._rate, host, intf, int(rate * fault.factor))
         if fault.duration:
-            time.sleep(fault.duration)
+            clock.pause(fault.duration)
             self._action(fault, source, f"{host}:{intf} rate restored",
                          self._rate, host, intf, rate)
 
@@ -102,7 +112,7 @@ class Injector:
             except Exception as exc:      # a fault not carried out is logged as such, and
                 error = str(exc) or type(exc).__name__   # the run's other faults go on
             now = time.time()
-            event = {"t": round(now - self.started, 2), "wall": now, "fault": fault.describe(),
+            event = {"t": round(clock.time() - self.started, 2), "wall": now, "fault": fault.describe(),
                      "action": what, "source": source, "error": error}
             self.events.append(event)
         print(f"  fault at {event['t']:7.1f} s: {what}" + (f" FAILED: {error}" if error else ""),
@@ -118,16 +128,24 @@ class Injector:
                 index = ipr.link_lookup(ifname=port)[0]
             except IndexError:
                 raise TestbedError(f"no switch port {port} for {host}:{intf}") from None
+            # Counted down before the port goes down, up after it is: the link pace never
+            # judges a link that is down as one that is slow.
+            if not up:
+                self.down.add((host, intf))
             ipr.link("set", index=index, state="up" if up else "down")
+            if up:
+                self.down.discard((host, intf))
 
     def _rate(self, host: str, intf: str, rate: int) -> None:
         interface = self.fabric.plan.host(host).interface(intf)
         shares = self.fabric.plan.topology.qos if interface.prioritized else None
+        self.rates[(host, intf)] = min(rate, self.rates.get((host, intf), rate))
         with IPRoute() as root:
             qos.set_rate(root, interface.switch_port, rate, shares)
         netns = f"/proc/{self.fabric.node(host).netns_pid}/ns/net"
         with IPRoute(netns=netns, flags=0) as ipr:
             qos.set_rate(ipr, intf, rate, shares)
+        self.rates[(host, intf)] = rate
 
     def _agent(self, host: str, kind: str) -> None:
         if self.agents is None:

@@ -42,7 +42,7 @@ class Interface:
     name: str                 # inside the host: cnic, snic, pcie, stor, mgmt
     fabric: Fabric
     address: str              # without prefix length
-    rate: int | None          # scaled bits/s; None for the unshaped management network
+    rate: int | None          # shaped bits/s (real / scale / time dilation); None: unshaped
     real_rate: int | None     # the same link in real-cluster bits/s
     prioritized: bool = False  # two DSCP classes (CNICs) rather than one
 
@@ -99,6 +99,8 @@ def _addr(network: Fabric, third: int, fourth: int) -> str:
 
 
 def build_plan(topology: Topology) -> ClusterPlan:
+    """Every rate here is divided by the scale and the time dilation (Topology.scaled), so
+    every link, present or future, runs in the cluster's emulated time."""
     t = topology
     cnic = dict(rate=t.scaled(t.links.cnic), real_rate=t.links.cnic)
     snic = dict(rate=t.scaled(t.links.snic), real_rate=t.links.snic)

@@ -18,7 +18,8 @@ from pyroute2 import netns
 
 NLMSG_ERROR, NLMSG_DONE = 2, 3
 NLM_F_REQUEST, NLM_F_DUMP = 0x1, 0x300
-RTM_GETLINK, RTM_GETTCLASS = 18, 42
+RTM_GETLINK, RTM_GETQDISC, RTM_GETTCLASS = 18, 38, 42
+TC_H_ROOT = 0xFFFFFFFF
 IFLA_IFNAME, IFLA_STATS64 = 3, 23
 TCA_STATS2 = 7
 TCA_STATS_BASIC, TCA_STATS_QUEUE = 1, 3
@@ -123,6 +124,26 @@ class RtnlSocket:
                         stats.update(backlog=backlog, drops=drops, overlimits=overlimits)
             if len(stats) == 5:
                 found[handle] = stats
+        return found
+
+    def root_qdiscs(self, handle: int) -> dict[int, tuple[int, int]]:
+        """Every interface's root qdisc of this `handle`, by interface index: (bytes sent,
+        bytes queued), in one dump of the whole namespace."""
+        found = {}
+        for payload in self.dump(RTM_GETQDISC, TCMSG.pack(socket.AF_UNSPEC, 0, 0, 0, 0)):
+            _family, index, qdisc, parent, _info = TCMSG.unpack_from(payload)
+            if qdisc != handle or parent != TC_H_ROOT:
+                continue
+            sent = queued = None
+            for kind, value in attributes(payload, TCMSG.size):
+                if kind == TCA_STATS2:
+                    for inner, data in attributes(value, 0):
+                        if inner == TCA_STATS_BASIC:
+                            sent = BASIC.unpack_from(data)[0]
+                        elif inner == TCA_STATS_QUEUE:
+                            queued = QUEUE.unpack_from(data)[1]
+            if sent is not None and queued is not None:
+                found[index] = (sent, queued)
         return found
 
     def indexes(self) -> dict[str, int]:

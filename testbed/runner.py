@@ -6,6 +6,10 @@ each turn is submitted to the scheduler, which places it; the next turn starts w
 previous one has finished decoding. A turn's hit KV is everything the trajectory stored
 before: its earlier prompts (persisted by the decode node) and its generated blocks (64
 tokens each); generated tokens not yet in a full block are recomputed as misses.
+
+Every time here is emulated (agents/clock.py): arrivals, fault times and every figure of the
+report; wall time is kept only for Prometheus queries and Grafana. Each run ends with its
+fidelity verdict (testbed/fidelity.py).
 """
 
 from __future__ import annotations
@@ -18,14 +22,17 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from agents.clock import clock
 from agents.control import acall, error_text
+from agents.fidelity import Quantiles, Timeliness
 from agents.kv import Block, Geometry
 from agents.node import DE_BUFFER_SHARE, DRAM_BYTES
 from agents.scheduling import alpha_tokens, beta_tokens
 from testbed import counters
 from testbed.agentset import RunningCluster
 from testbed.annotations import Annotator, annotator_from_env
-from testbed.cpuwatch import CpuWatch
+from testbed import dilation as dilations
+from testbed.fidelity import FidelityWatch
 from testbed.plan import ClusterPlan
 from testbed.plots import write_plots
 from testbed.profile import ModelProfile, load_profile
@@ -45,7 +52,7 @@ from testbed.trace import load_trace
 from testbed.workload import Turn, generate_trajectories, poisson_arrivals
 
 TRACE_BLOCKS = 1 << 62   # trace block ids start here, above any request's own (< 2**62)
-SAMPLE_SECONDS = 1.0     # SNIC utilization samples
+SAMPLE_SECONDS = 1.0     # SNIC utilization samples (emulated, as every duration here)
 PROGRESS_SECONDS = 5.0   # progress lines
 # A turn whose request failed is submitted again, as a new request, up to this many times in
 # all; then it fails with the last reason, and so do the trajectory's later turns.
@@ -128,14 +135,14 @@ class Outcome:
 async def submit(scheduler: str, request: int, **fields) -> dict:
     """One submission; a scheduler that refuses connections is waited for (it may be
     restarting), one that fails the request or goes away mid-way raises."""
-    deadline = time.monotonic() + SCHEDULER_WAIT_SECONDS
+    deadline = clock.now() + SCHEDULER_WAIT_SECONDS
     while True:
         try:
             return await acall(scheduler, "submit", request=request, **fields)
         except ConnectionRefusedError:
-            if time.monotonic() > deadline:
+            if clock.now() > deadline:
                 raise
-            await asyncio.sleep(RETRY_SECONDS)
+            await clock.sleep(RETRY_SECONDS)
 
 
 async def run_agent(agent: Agent, scheduler: str, geometry: Geometry, model: str,
@@ -144,7 +151,7 @@ async def run_agent(agent: Agent, scheduler: str, geometry: Geometry, model: str
     """Replays an agent's turns one after the other, or one trace request (`cache`: the
     trace blocks stored so far). A failed request is submitted again, as a new request;
     a turn that fails every attempt ends the trajectory: it and the later turns fail."""
-    await asyncio.sleep(max(0.0, started + agent.arrival - time.time()))
+    await clock.sleep(started + agent.arrival - clock.time())
     for number, turn in enumerate(agent.turns):
         for attempt in range(1, ATTEMPTS + 1):
             request = random.randrange(1, 1 << 46)
@@ -162,10 +169,10 @@ async def run_agent(agent: Agent, scheduler: str, geometry: Geometry, model: str
             except (OSError, RuntimeError, ValueError, asyncio.TimeoutError) as exc:
                 reason = error_text(exc)
                 if attempt < ATTEMPTS:
-                    await asyncio.sleep(RETRY_SECONDS)
+                    await clock.sleep(RETRY_SECONDS)
         else:
-            fail_rest(agent, number, reason, outcome, client, time.time() - started)
-            agent.finished = time.time() - started
+            fail_rest(agent, number, reason, outcome, client, clock.time() - started)
+            agent.finished = clock.time() - started
             return
         decode, prefill = result["decode"], result["prefill"]
         agent.stored += miss + [tuple(b) for b in decode["persisted"]]
@@ -177,9 +184,9 @@ async def run_agent(agent: Agent, scheduler: str, geometry: Geometry, model: str
             "hit_tokens": sum(t for _, t in hit), "miss_tokens": sum(t for _, t in miss),
             "generated": turn.generate, "path": result["path"], "pe": result["pe"],
             "de": result["de"], "submitted": result["submitted"] - started,
-            "ttft": (decode["first_token_wall"] or time.time()) - result["submitted"],
-            "ttst": (decode["second_token_wall"] - result["submitted"]
-                     if decode.get("second_token_wall") else None),
+            "ttft": (decode["first_token_at"] or clock.time()) - result["submitted"],
+            "ttst": (decode["second_token_at"] - result["submitted"]
+                     if decode.get("second_token_at") else None),
             "tpot": decode["tpot"], "prefill_seconds": prefill["seconds"],
             **{f"prefill_{phase}": seconds for phase, seconds in prefill["timings"].items()},
             "decode_hbm_wait": decode["hbm_wait_seconds"],
@@ -187,7 +194,7 @@ async def run_agent(agent: Agent, scheduler: str, geometry: Geometry, model: str
             "prompt_bytes_expected": 0 if result["oracle"] else geometry.blocks_bytes(hit + miss),
             "corrupt_bytes": decode["verifier"]["corrupt_bytes"]})
         client.turn(records[-1])
-    agent.finished = time.time() - started
+    agent.finished = clock.time() - started
     client.agent_done(agent.finished - agent.arrival)
 
 
@@ -269,12 +276,12 @@ async def inject(faults: list[FaultSpec], injector: Injector, outcome: Outcome,
     async def one(fault: FaultSpec) -> None:
         if fault.after_turns is not None:
             while len(outcome.records) < fault.after_turns:
-                await asyncio.sleep(0.2)
-            first = time.time()
+                await clock.sleep(0.2)
+            first = clock.time()
         else:
             first = started + fault.at
         for n in range(fault.times):
-            await asyncio.sleep(max(0.0, first + n * (fault.every or 0) - time.time()))
+            await clock.sleep(first + n * (fault.every or 0) - clock.time())
             applied = asyncio.ensure_future(asyncio.to_thread(injector.apply, fault))
             applying.add(applied)
             await asyncio.shield(applied)
@@ -288,9 +295,20 @@ async def inject(faults: list[FaultSpec], injector: Injector, outcome: Outcome,
         await asyncio.gather(*tasks, *applying, return_exceptions=True)
 
 
+async def timeliness(plan: ClusterPlan, reset: bool) -> dict[str, dict]:
+    """Every agent's event-loop lag and kernel lateness since its last reset (`reset`: start
+    anew); an agent that does not answer (killed by a fault) is left out."""
+    hosts = plan.hosts
+    replies = await asyncio.gather(*(acall(h.address("mgmt"), "fidelity", timeout=10,
+                                           reset=reset) for h in hosts), return_exceptions=True)
+    return {h.name: r for h, r in zip(hosts, replies) if isinstance(r, dict)}
+
+
 async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenario,
                        policy: str, workload: list[Agent], client: ClientView,
-                       cluster: RunningCluster) -> dict:
+                       cluster: RunningCluster, horizon: float | None = None) -> dict:
+    """The workload on a running cluster. `horizon`: stop after this many seconds (a pilot
+    run of `testbed.dilation`), leaving turns unfinished."""
     scheduler = plan.host("sched").address("mgmt")
     profile = load_profile(scenario.model)
     turns = [t for a in workload for t in a.turns]
@@ -303,7 +321,11 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
     outcome = Outcome()
     records = outcome.records
     geometry = Geometry.of(profile, plan.topology.scale)
-    started = cluster.injector.started = time.time()
+    await timeliness(plan, reset=True)
+    client_timeliness = Timeliness()
+    client_timeliness.start()
+    began = time.time()                      # wall, for Prometheus
+    started = cluster.injector.started = clock.time()
     tasks = [asyncio.create_task(run_agent(a, scheduler, geometry, scenario.model, outcome,
                                            started, cache, client)) for a in agents]
     faults = scenario.faults + (chaos_faults(scenario.chaos, plan, scenario.workload.duration)
@@ -311,14 +333,18 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
     injecting = asyncio.create_task(inject(faults, cluster.injector, outcome, started))
     snic_rate = {n.name: n.interface("snic").rate for n in plan.of_kind("node")}
     timeline: dict[str, list[tuple[float, float]]] = {node: [] for node in snic_rate}
-    last = (time.time(), await asyncio.to_thread(counters.nic_bytes, record, "snic", "rx"))
-    printed = time.time()
+    last = (clock.time(), await asyncio.to_thread(counters.nic_bytes, record, "snic", "rx"))
+    printed = clock.time()
     while not all(t.done() for t in tasks):
-        await asyncio.wait(tasks, timeout=SAMPLE_SECONDS)
-        now = (time.time(), await asyncio.to_thread(counters.nic_bytes, record, "snic", "rx"))
+        if horizon is not None and clock.time() - started >= horizon:
+            break
+        await asyncio.wait(tasks, timeout=clock.wall(SAMPLE_SECONDS))
+        now = (clock.time(), await asyncio.to_thread(counters.nic_bytes, record, "snic", "rx"))
         for node, rate in snic_rate.items():
             moved = now[1].get(node, 0) - last[1].get(node, 0)
-            timeline[node].append((now[0] - started, 8 * moved / (now[0] - last[0]) / rate))
+            # the rate is a wall rate (dilated), so bytes over wall seconds
+            utilization = 8 * moved / clock.wall(now[0] - last[0]) / rate
+            timeline[node].append((now[0] - started, utilization))
         last = now
         if now[0] - printed >= PROGRESS_SECONDS or all(t.done() for t in tasks):
             printed = now[0]
@@ -334,24 +360,45 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
                   f"busiest SNIC {snic:.0%}", flush=True)
     injecting.cancel()
     await asyncio.gather(injecting, return_exceptions=True)
+    agents_timeliness = await timeliness(plan, reset=False)
+    client_timeliness.watching.cancel()
+    ending = time.time()
+    if horizon is not None:             # a pilot: the turns still running are cut short
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
     for task in tasks:
-        task.result()          # a bug in the client itself, not a request's failure
+        if not task.cancelled():
+            task.result()      # a bug in the client itself, not a request's failure
+    lags = {host: Quantiles.from_json(reply["loop_lag"])
+            for host, reply in agents_timeliness.items()}
+    lags["client"] = client_timeliness.loop_lag
+    lateness = Quantiles()
+    for reply in agents_timeliness.values():
+        lateness.merge(Quantiles.from_json(reply["kernel_lateness"]))
     ended = [a for a in agents if a.finished is not None]
     # Offline the batch's completion; online the mean trajectory's (paper §7).
     jct = (sum(a.finished - a.arrival for a in ended) / max(1, len(ended))
            if scenario.workload.timed else max((a.finished for a in ended), default=0.0))
     return {"policy": policy, "jct": jct, "records": records, "failures": outcome.failures,
             "issued": len(turns), "faults": list(cluster.injector.events),
-            "snic_timeline": timeline, "wall": [started, time.time()]}
+            "snic_timeline": timeline, "wall": [began, ending],
+            "kernel_lateness": lateness, "loop_lags": lags}
 
 
 def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float | None,
-               annotator: Annotator | None = None) -> dict:
-    topology = load_topology(REPO / topology_path)
+               annotator: Annotator | None = None, dilation: float = 1.0,
+               horizon: float | None = None) -> dict:
+    """One policy's run on a fresh cluster at time dilation `dilation`, with its fidelity
+    verdict; `horizon`: stop after so many emulated seconds (a pilot)."""
+    topology = load_topology(REPO / topology_path).dilated(dilation)
+    clock.set_dilation(topology.dilation)
     workload = replays(scenario.workload, aps)
     rate = "" if aps is None else f" at {aps:g} APS"
+    tdf = f", TDF {dilation:g}" if dilation != 1 else ""
+    pilot = f", pilot of {horizon:g} s" if horizon is not None else ""
     print(f"{topology.name} / {policy}{rate}: {len(workload)} agents, "
-          f"{sum(len(a.turns) for a in workload)} turns", flush=True)
+          f"{sum(len(a.turns) for a in workload)} turns{tdf}{pilot}", flush=True)
     if annotator:
         annotator.post(f"{scenario.name}: {policy} on {topology.name}{rate}",
                        f"scenario:{scenario.name}", f"policy:{policy}")
@@ -361,26 +408,30 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
         record = FabricRecord.read()
         before = counters.snapshot(record)
         client = ClientView(cluster.exporter.client, policy, topology.scale)
-        with CpuWatch() as cpu:
+        with FidelityWatch(record, fabric.plan, cluster.injector.intended_rate) as watch:
             result = asyncio.run(run_workload(fabric.plan, record, scenario, policy, workload,
-                                              client, cluster))
+                                              client, cluster, horizon))
         moved = counters.delta(before, counters.snapshot(record))
+    verdict = watch.verdict(result.pop("kernel_lateness"), result.pop("loop_lags"))
+    print(f"  {policy}: {verdict.summary()}", flush=True)
     snic = {n.name: moved.get((n.name, "snic", "rx"), 0) * topology.scale
             for n in fabric.plan.of_kind("node")}
     result.update(topology=topology.name, aps=aps, prefill_nodes=topology.prefill_nodes,
                   decode_nodes=topology.decode_nodes, scale=topology.scale,
-                  snic_read_bytes=snic,
-                  host_cpu=cpu.mean, cpu_warning=cpu.warning())
+                  snic_read_bytes=snic, host_cpu=watch.cpu_mean, time_dilation=dilation,
+                  fidelity=verdict.to_json())
     return result
 
 
 def link_timelines(prometheus: PrometheusAPI, scenario: str, result: dict) -> dict:
     """From Prometheus: each node's SNIC read and each GPU's CNIC receive utilization over
-    the run, per second."""
+    the run, per wall second (Prometheus runs on wall time), on the emulated time axis."""
     start, end = result["wall"]
+    tdf = result["time_dilation"]
     labels = {"scenario": scenario, "policy": result["policy"], "topology": result["topology"]}
-    return {f"{nic} {direction}": prometheus.series(
-                utilization_query(nic, direction, **labels), start, end, label="host")
+    return {f"{nic} {direction}": {
+                host: [(t / tdf, u) for t, u in series] for host, series in prometheus.series(
+                    utilization_query(nic, direction, **labels), start, end, label="host").items()}
             for nic, direction in (("snic", "rx"), ("cnic", "rx"))}
 
 
@@ -427,7 +478,17 @@ def summarize(result: dict, workload: Workload) -> dict:
             # real-cluster bytes, as every figure of the report
             "verified_bytes": sum(r["prompt_bytes_verified"] for r in records) * result["scale"],
             "corrupt_bytes": sum(r["corrupt_bytes"] for r in records) * result["scale"],
-            "host_cpu": result["host_cpu"]}
+            "host_cpu": result["host_cpu"], "time_dilation": result["time_dilation"],
+            "valid": result["fidelity"]["valid"], "verdict": result["fidelity"]["summary"],
+            "dilation_source": result.get("dilation_source", "")}
+
+
+def invalid_policies(summaries: list[dict], topology: str, policies) -> list[str]:
+    """Which of `policies` had an INVALID run on `topology`: a figure drawn from one is not
+    a result."""
+    return [p for p in dict.fromkeys(policies)
+            if any(s["topology"] == topology and s["policy"] == p and not s["valid"]
+                   for s in summaries)]
 
 
 def comparisons(scenario: Scenario, summaries: list[dict], results: list[dict]) -> list[dict]:
@@ -445,7 +506,8 @@ def comparisons(scenario: Scenario, summaries: list[dict], results: list[dict]) 
         p, d = shape["prefill_nodes"], shape["decode_nodes"]
         row = {"topology": topology, "speedup": jct["basic"] / jct["dualpath"],
                "snic_bound": (p + d) / p, "compute_bound": None, "limit": None,
-               "share_of_limit": None, "paper_speedup": paper.get(topology)}
+               "share_of_limit": None, "paper_speedup": paper.get(topology),
+               "invalid": invalid_policies(summaries, topology, ("basic", "dualpath", "oracle"))}
         if "oracle" in jct:
             row["compute_bound"] = jct["basic"] / jct["oracle"]
             row["limit"] = min(row["snic_bound"], row["compute_bound"])
@@ -460,7 +522,8 @@ def reductions(scenario: Scenario, summaries: list[dict]) -> list[dict]:
     basic = {s["topology"]: s["jct"] for s in summaries if s["policy"] == "basic"}
     return [{"topology": s["topology"], "policy": s["policy"],
              "reduction": 1 - s["jct"] / basic[s["topology"]],
-             "paper_reduction": paper.get(s["policy"])}
+             "paper_reduction": paper.get(s["policy"]),
+             "invalid": invalid_policies(summaries, s["topology"], ("basic", s["policy"]))}
             for s in summaries if s["topology"] in basic and s["policy"] != "basic"]
 
 
@@ -472,42 +535,79 @@ def _optional(value: float | None, fmt: str) -> str:
     return "-" if value is None else format(value, fmt)
 
 
+def _unless(invalid: list[str], text: str) -> str:
+    """A figure drawn from an INVALID run is marked, never shown as a result."""
+    return "INVALID" if invalid else text
+
+
+def _verdict(invalid: list[str]) -> str:
+    return f"INVALID ({', '.join(invalid)})" if invalid else "VALID"
+
+
+def verdict_text(summaries: list[dict]) -> str:
+    """Each run's fidelity verdict: one line for all when all are VALID, else the reason of
+    each INVALID one."""
+    sources = "".join(f"\nTime dilation of {topology}: {source}" for topology, source in
+                      dict.fromkeys((s["topology"], s["dilation_source"]) for s in summaries)
+                      if source)
+    invalid = [s for s in summaries if not s["valid"]]
+    if not invalid:
+        return f"Fidelity: all {len(summaries)} runs VALID (testbed/fidelity.py).{sources}"
+    return (f"Fidelity: {len(invalid)} of {len(summaries)} runs INVALID; their figures measure "
+            "the host, not the emulated cluster (raise time_dilation, or use auto):\n"
+            + "\n".join(f"  {s['topology']} / {s['policy']}"
+                        + (f" at {s['aps']:g} APS" if s["aps"] is not None else "")
+                        + f", TDF {s['time_dilation']:g}: {s['verdict']}" for s in invalid)
+            + sources)
+
+
 def report_text(scenario: Scenario, summaries: list[dict], compared: list[dict],
                 reduced: list[dict], capacity: list[dict]) -> str:
     parts = [table(["TOPOLOGY", "POLICY", "APS", "JCT", "TURNS", "MEAN TTFT", "MEAN TPOT", "DE READS",
-                    "SNIC MAX/AVG", "SNIC BALANCE", "VERIFIED", "CORRUPT", "HOST CPU"],
+                    "SNIC MAX/AVG", "SNIC BALANCE", "VERIFIED", "CORRUPT", "HOST CPU", "TDF",
+                    "VERDICT"],
                    [[s["topology"], s["policy"], _optional(s["aps"], "g"),
                      f"{s['jct']:.1f} s", str(s["turns"]),
                      f"{s['ttft']:.3f} s", f"{s['tpot'] * 1e3:.1f} ms", f"{s['de_reads']:.0%}",
                      f"{s['snic_max_over_avg']:.2f}", f"{s['snic_balance']:.2f}",
                      f"{s['verified_bytes'] / 1e9:.1f} GB", f"{s['corrupt_bytes']:.0f} B",
-                     f"{s['host_cpu']:.0%}"] for s in summaries])]
+                     f"{s['host_cpu']:.0%}", f"{s['time_dilation']:g}",
+                     "VALID" if s["valid"] else "INVALID"] for s in summaries]),
+             verdict_text(summaries)]
     source = f" (paper: {scenario.paper.source})" if scenario.paper else ""
     if compared:
         parts.append(f"DualPath over basic, against what each configuration allows{source}:\n"
                      + table(["TOPOLOGY", "SPEEDUP", "SNIC BOUND (P+D)/P",
                               "COMPUTE BOUND BASIC/ORACLE", "LIMIT", "SHARE OF LIMIT",
-                              "PAPER SPEEDUP"],
-                             [[c["topology"], f"{c['speedup']:.2f}x", f"{c['snic_bound']:.2f}x",
-                               _optional(c["compute_bound"], ".2f"), _optional(c["limit"], ".2f"),
-                               _optional(c["share_of_limit"], ".1%"),
-                               _optional(c["paper_speedup"], ".2f")] for c in compared]))
+                              "PAPER SPEEDUP", "VERDICT"],
+                             [[c["topology"], _unless(c["invalid"], f"{c['speedup']:.2f}x"),
+                               f"{c['snic_bound']:.2f}x",
+                               _unless(c["invalid"], _optional(c["compute_bound"], ".2f")),
+                               _unless(c["invalid"], _optional(c["limit"], ".2f")),
+                               _unless(c["invalid"], _optional(c["share_of_limit"], ".1%")),
+                               _optional(c["paper_speedup"], ".2f"), _verdict(c["invalid"])]
+                              for c in compared]))
     if reduced and scenario.paper and scenario.paper.reduction:
         parts.append(f"JCT reduction against basic{source}:\n"
-                     + table(["TOPOLOGY", "POLICY", "REDUCTION", "PAPER"],
-                             [[r["topology"], r["policy"], f"{r['reduction']:.1%}",
-                               _optional(r["paper_reduction"], ".1%")] for r in reduced]))
+                     + table(["TOPOLOGY", "POLICY", "REDUCTION", "PAPER", "VERDICT"],
+                             [[r["topology"], r["policy"],
+                               _unless(r["invalid"], f"{r['reduction']:.1%}"),
+                               _optional(r["paper_reduction"], ".1%"), _verdict(r["invalid"])]
+                              for r in reduced]))
     if capacity:
         w = scenario.workload
         parts.append(f"Capacity under the SLO (mean TTFT <= {w.slo_ttft:g} s, mean TPOT <= "
                      f"{w.slo_tpot * 1e3:g} ms){source}:\n"
                      + table(["TOPOLOGY", *(p.upper() for p in scenario.policies),
-                              "DUALPATH/BASIC", "PAPER"],
-                             [[c["topology"], *(_at_least(c["at_least"][p])
-                                                + f"{c['capacity'][p]:g} APS"
+                              "DUALPATH/BASIC", "PAPER", "VERDICT"],
+                             [[c["topology"], *(_unless([p] if p in c["invalid"] else [],
+                                                        _at_least(c["at_least"][p])
+                                                        + f"{c['capacity'][p]:g} APS")
                                                 for p in scenario.policies),
-                               _at_least(c["ratio_at_least"] and c["ratio"] is not None)
-                               + _optional(c["ratio"], ".2f"), _optional(c["paper_ratio"], ".2f")]
+                               _unless([p for p in ("basic", "dualpath") if p in c["invalid"]],
+                                       _at_least(c["ratio_at_least"] and c["ratio"] is not None)
+                                       + _optional(c["ratio"], ".2f")),
+                               _optional(c["paper_ratio"], ".2f"), _verdict(c["invalid"])]
                               for c in capacity]))
         if any(any(c["at_least"].values()) for c in capacity):
             parts[-1] += ("\n>= : the SLO held up to the sweep's top rate; add higher rates "
@@ -529,14 +629,25 @@ def meets_slo(summary: dict, workload: Workload) -> bool:
     return summary["ttft"] <= workload.slo_ttft and summary["tpot"] <= workload.slo_tpot
 
 
-def run_all(scenario: Scenario, annotator: Annotator | None = None) -> list[dict]:
-    """Every topology x policy x arrival rate; an online sweep of a policy stops at the first
-    rate that misses the SLO (the paper's stop rule: TTFT over 4 s)."""
+def run_all(scenario: Scenario, annotator: Annotator | None = None,
+            dilation: float | str | None = None) -> list[dict]:
+    """Every topology x policy x arrival rate, each topology at one time dilation (`dilation`
+    overrides the scenario's and the topology's; 'auto' pilots it, testbed.dilation); an
+    online sweep of a policy stops at the first rate that misses the SLO (the paper's stop
+    rule: TTFT over 4 s)."""
     results = []
+    heaviest = scenario.workload.levels()[-1]
     for topology in scenario.topologies:
+        def pilot(policy: str, tdf: float) -> dict:
+            return run_policy(scenario, topology, policy, heaviest, None, tdf,
+                              horizon=dilations.PILOT_SECONDS)
+        tdf, why = dilations.resolve(REPO / topology, dilation, scenario.time_dilation,
+                                     scenario.policies, pilot)
+        print(f"{topology_name(topology)}: {why}", flush=True)
         for policy in scenario.policies:
             for aps in scenario.workload.levels():
-                results.append(run_policy(scenario, topology, policy, aps, annotator))
+                results.append(run_policy(scenario, topology, policy, aps, annotator, tdf))
+                results[-1]["dilation_source"] = why
                 if aps is not None and not meets_slo(summarize(results[-1], scenario.workload),
                                                      scenario.workload):
                     print(f"  {policy} misses the SLO at {aps:g} APS: its sweep stops",
@@ -564,12 +675,14 @@ def capacities(scenario: Scenario, summaries: list[dict]) -> list[dict]:
         ratio = (capacity["dualpath"] / capacity["basic"]
                  if capacity.get("basic") and "dualpath" in capacity else None)
         rows.append({"topology": topology, "capacity": capacity, "at_least": at_least,
+                     "invalid": invalid_policies(summaries, topology, scenario.policies),
                      "ratio": ratio, "ratio_at_least": at_least.get("dualpath", False),
                      "paper_ratio": scenario.paper.capacity_ratio if scenario.paper else None})
     return rows
 
 
-def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> Path:
+def run_scenario(scenario: Scenario, results_root: Path = REPO / "results",
+                 dilation: float | str | None = None) -> Path:
     w = scenario.workload
     levels = "" if w.kind == "offline" else f", {', '.join(f'{a:g}' for a in w.aps)} APS"
     print(f"scenario {scenario.name}: {w.kind}, topologies "
@@ -579,7 +692,7 @@ def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> P
     out.mkdir(parents=True, exist_ok=True)
     annotator, started = annotator_from_env(), time.time()
     with run_prometheus(out / "prometheus") as prometheus:
-        results = run_all(scenario, annotator)
+        results = run_all(scenario, annotator, dilation)
         for result in results:
             result["links"] = link_timelines(prometheus, scenario.name, result)
     summaries = [summarize(r, w) for r in results]
@@ -597,18 +710,13 @@ def run_scenario(scenario: Scenario, results_root: Path = REPO / "results") -> P
     text = "\n\n".join(part for part in (
         report_text(scenario, summaries, compared, reduced, capacity),
         accounting_text(summaries), failures_text(results), faults_text(results)) if part)
-    warnings = [f"{r['topology']} / {r['policy']}: {r['cpu_warning']}"
-                for r in results if r["cpu_warning"]]
     figures = write_plots(out, results, summaries, w.slo_ttft)
     (out / "summary.md").write_text(
         f"# {scenario.name}\n\n{scenario.description}\n\n```\n{text}\n```\n"
-        + "".join(f"\n{w}\n" for w in warnings)
         + "".join(f"\n![{f.stem}]({f.name})\n" for f in figures))
     if annotator:
         annotator.post(f"scenario {scenario.name}", f"scenario:{scenario.name}",
                        start=started, end=time.time())
     print("\n" + text)
-    for warning in warnings:
-        print(warning)
     print(f"\nwritten {out.relative_to(results_root.parent) if out.is_relative_to(REPO) else out}")
     return out

@@ -14,6 +14,9 @@
       - {kind: link-down, target: "n0:snic", at: 5}
       - {kind: kill, target: n1g0, after_turns: 20, every: 30, times: 3}
     chaos: {seed: 7, every: 20, repair: 8}   # optional: random faults of every kind
+    time_dilation: auto                  # optional: a number >= 1, or auto (pilot runs pick
+                                         # the smallest TDF with VALID runs); default: the
+                                         # topology's, else 1
 
 Any problem is reported as one line naming the file, the field, the value and what was
 expected, as for topologies.
@@ -29,7 +32,7 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 from testbed.errors import TestbedError
 from testbed.faults import ChaosSpec, FaultSpec, check_target
 from testbed.plan import build_plan
-from testbed.topology import (Spec, load_topology, read_yaml, require_mapping,
+from testbed.topology import (Dilation, Spec, load_topology, read_yaml, require_mapping,
                               validation_message)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -133,6 +136,9 @@ class Scenario(Spec):
     paper: PaperFigures | None = None
     faults: list[FaultSpec] = Field(default_factory=list)
     chaos: ChaosSpec | None = None
+    time_dilation: Dilation | None = Field(
+        default=None, description="a number >= 1 or 'auto' for every topology; unset: each "
+                                  "topology's own (agents/clock.py, testbed/dilation.py)")
 
     @field_validator("topologies")
     @classmethod
@@ -165,6 +171,13 @@ def load_scenario(name_or_path: str) -> Scenario:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
         raise TestbedError(f"{path}: {validation_message(exc, Scenario)}") from None
+    if isinstance(scenario.time_dilation, float):
+        for topology in scenario.topologies:
+            try:
+                load_topology(REPO / topology).dilated(scenario.time_dilation)
+            except ValidationError as exc:
+                raise TestbedError(f"{path}: time_dilation: {scenario.time_dilation:g} does not "
+                                   f"fit {topology}: {validation_message(exc, Scenario)}") from None
     for topology in scenario.topologies if scenario.faults else ():
         plan = build_plan(load_topology(REPO / topology))
         for i, fault in enumerate(scenario.faults):

@@ -16,11 +16,29 @@ import yaml
 from pydantic import (BaseModel, BeforeValidator, ConfigDict, Field, PlainSerializer,
                       ValidationError, model_validator)
 
+from agents.clock import MIN_DILATION
 from testbed.errors import TestbedError
 from testbed.rates import format_rate, parse_rate
 
 # Written and serialised as text ("400000000000bit"), so a dumped topology loads again.
 Rate = Annotated[int, BeforeValidator(parse_rate), PlainSerializer(lambda bits: f"{bits}bit")]
+AUTO = "auto"
+DILATION_EXPECTED = "a number >= 1 (1: real time) or 'auto'"
+
+
+def parse_dilation(value: object) -> float | str:
+    """A time-dilation factor as written: a number >= 1, or 'auto' (picked per topology by
+    a pilot run, `testbed.dilation`). Raises ValueError naming what was expected."""
+    if value == AUTO:
+        return AUTO
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ValueError(f"expected {DILATION_EXPECTED}")
+    if not value >= MIN_DILATION or value == float("inf"):
+        raise ValueError(f"expected {DILATION_EXPECTED}")
+    return float(value)
+
+
+Dilation = Annotated[float | str, BeforeValidator(parse_dilation)]
 # What one 2-core machine can shape and forward: below 1 Mbit/s HTB is coarse, above
 # 10 Gbit/s no veth pair on this class of machine keeps up.
 MIN_SCALED_RATE = 10**6
@@ -83,6 +101,9 @@ class Topology(Spec):
                      description="bytes per packet on the compute and storage fabrics: data "
                                  "center fabrics run jumbo frames (InfiniBand 4 KiB)")
     backend: Literal["docker", "netns"] = "docker"
+    time_dilation: Dilation = Field(
+        default=1.0, description="time-dilation factor: link rates / TDF, emulated durations "
+                                 "x TDF (agents/clock.py); 'auto' is resolved before a run")
 
     @model_validator(mode="after")
     def fits_the_machine(self) -> "Topology":
@@ -92,17 +113,33 @@ class Topology(Spec):
                              f"{MAX_NODES} nodes in all")
         rates = {f"links.{nic}": getattr(self.links, nic) for nic in ("cnic", "snic", "pcie")}
         rates["storage.link"] = self.storage.link
+        dilation = 1.0 if self.time_dilation == AUTO else self.time_dilation
         for field, real in rates.items():
-            scaled = real / self.scale
+            scaled = real / self.scale / dilation
             if not MIN_SCALED_RATE <= scaled <= MAX_SCALED_RATE:
+                by = f" / time_dilation {dilation:g}" if dilation != 1 else ""
                 raise ValueError(
                     f"{field}: scaled rate {format_rate(scaled)} ({format_rate(real)} / scale "
-                    f"{self.scale:g}) is out of range, expected {format_rate(MIN_SCALED_RATE)}"
-                    f" to {format_rate(MAX_SCALED_RATE)}; change the rate or the scale")
+                    f"{self.scale:g}{by}) is out of range, expected "
+                    f"{format_rate(MIN_SCALED_RATE)} to {format_rate(MAX_SCALED_RATE)}; change "
+                    f"the rate, the scale or the time dilation")
         return self
 
     def scaled(self, real_bits_per_second: int) -> int:
-        return int(real_bits_per_second / self.scale)
+        """The rate a link is shaped to: the real rate / scale / the time dilation."""
+        return int(real_bits_per_second / self.scale / self.dilation)
+
+    @property
+    def dilation(self) -> float:
+        """The time-dilation factor; refused while still 'auto' (a run resolves it first)."""
+        if self.time_dilation == AUTO:
+            raise TestbedError(f"topology {self.name}: time_dilation is 'auto', expected it "
+                               "resolved to a number before the cluster is built")
+        return self.time_dilation
+
+    def dilated(self, dilation: float | str) -> "Topology":
+        """This topology at another time dilation (validated: the rates must still fit)."""
+        return Topology.model_validate({**self.model_dump(), "time_dilation": dilation})
 
     @property
     def nodes(self) -> int:

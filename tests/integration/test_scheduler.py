@@ -81,6 +81,6 @@ def test_prompts_wait_in_the_de_buffer_until_their_engine_has_hbm(cluster):
         decodes.sort(key=lambda d: d["h2d_window"][0])
         for earlier, later in zip(decodes, decodes[1:]):
             # HBM frees when the earlier decode ends; only then is the later prompt copied in.
-            assert later["h2d_window"][0] >= earlier["end_wall"] - 0.05
+            assert later["h2d_window"][0] >= earlier["end_at"] - 0.05
     waits = [d["hbm_wait_seconds"] for decodes in by_engine.values() for d in decodes]
     assert max(waits) > 0.1, waits

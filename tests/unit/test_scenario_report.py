@@ -20,9 +20,10 @@ def scenario(**workload) -> Scenario:
                                        reduction={"dualpath": 0.45}, capacity_ratio=1.67))
 
 
-def summary(policy, jct, aps=None, ttft=1.0, tpot=0.02, topology="1p1d", failed=0):
+def summary(policy, jct, aps=None, ttft=1.0, tpot=0.02, topology="1p1d", failed=0,
+            valid=True):
     return {"topology": topology, "policy": policy, "jct": jct, "aps": aps, "ttft": ttft,
-            "tpot": tpot, "failed": failed}
+            "tpot": tpot, "failed": failed, "valid": valid}
 
 
 def test_a_topology_whose_runs_failed_turns_gets_no_speedup():

@@ -1,0 +1,86 @@
+"""What an agent measures of its own timeliness, for the run's fidelity verdict
+(`testbed.fidelity`): how late its event loop wakes, and how late its emulated GPU kernels end.
+
+Both are kept as log-bucket histograms, cheap to add to and to merge across agents, which
+the runner collects (and resets) through the agent's `fidelity` control op.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+
+from agents.clock import clock
+
+# Buckets grow by 5% from 1 µs (a value below lands in bucket 0): a quantile read from them
+# is within 5% of the true one, which is finer than any threshold it is judged against.
+BUCKET_GROWTH = 1.05
+SMALLEST = 1e-6
+LOOP_LAG_PERIOD = 0.1      # wall seconds between event-loop probes: 10 Hz
+
+
+class Quantiles:
+    """A histogram of non-negative values in log buckets."""
+
+    def __init__(self, counts: dict[int, int] | None = None):
+        self.counts: dict[int, int] = dict(counts or {})
+
+    def add(self, value: float) -> None:
+        bucket = 0 if value <= SMALLEST else 1 + int(math.log(value / SMALLEST, BUCKET_GROWTH))
+        self.counts[bucket] = self.counts.get(bucket, 0) + 1
+
+    def merge(self, other: "Quantiles") -> "Quantiles":
+        for bucket, count in other.counts.items():
+            self.counts[bucket] = self.counts.get(bucket, 0) + count
+        return self
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts.values())
+
+    def quantile(self, q: float) -> float:
+        """The upper edge of the bucket holding the q-quantile (0 with no values)."""
+        rank, seen = q * self.count, 0
+        for bucket in sorted(self.counts):
+            seen += self.counts[bucket]
+            if seen >= rank:
+                return SMALLEST * BUCKET_GROWTH ** bucket
+        return 0.0
+
+    def to_json(self) -> dict[str, int]:
+        return {str(bucket): count for bucket, count in self.counts.items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "Quantiles":
+        return cls({int(bucket): int(count) for bucket, count in data.items()})
+
+
+class Timeliness:
+    """An agent's two measures: event-loop lag (emulated seconds) and kernel lateness
+    (a share of each kernel's own time, before any make-up)."""
+
+    def __init__(self):
+        self.loop_lag = Quantiles()
+        self.kernel_lateness = Quantiles()
+        self.watching: asyncio.Task | None = None
+
+    def start(self) -> None:
+        """Probe the running event loop from now on."""
+        self.watching = asyncio.create_task(self.watch_loop())
+
+    async def watch_loop(self) -> None:
+        """Sleep LOOP_LAG_PERIOD at a time; how much later than asked the loop woke is its
+        lag: the time every other callback of this agent waited too."""
+        while True:
+            started = time.monotonic()
+            await asyncio.sleep(LOOP_LAG_PERIOD)
+            late = time.monotonic() - started - LOOP_LAG_PERIOD
+            self.loop_lag.add(clock.emulated(max(0.0, late)))
+
+    def report(self, reset: bool) -> dict:
+        reply = {"loop_lag": self.loop_lag.to_json(),
+                 "kernel_lateness": self.kernel_lateness.to_json()}
+        if reset:       # in place: the engine's GPU adds to the same object
+            self.loop_lag.counts, self.kernel_lateness.counts = {}, {}
+        return reply

@@ -1,0 +1,88 @@
+"""Which time dilation a topology runs at: given, or picked by pilot runs (`auto`).
+
+The TDF comes from the command line (`--time-dilation`), else the scenario, else the
+topology file, else 1. `auto` picks one TDF per topology, for all of its policies, so that a
+speedup never divides JCTs taken at different TDFs: the smallest of CANDIDATES at which a
+pilot of every policy that moves KV (the first PILOT_SECONDS emulated seconds of the
+scenario's heaviest load) gets a VALID fidelity verdict. Oracle, which moves no KV, costs
+the host least, so it is piloted only when it is all the scenario runs.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from pydantic import ValidationError
+
+from testbed.errors import TestbedError
+from testbed.topology import AUTO, DILATION_EXPECTED, load_topology, parse_dilation
+
+CANDIDATES = (1.0, 2.0, 4.0, 8.0, 16.0)
+PILOT_SECONDS = 20.0
+
+# pilot(policy, tdf) -> the run's result, with its "fidelity" verdict
+Pilot = Callable[[str, float], dict]
+
+
+def dilation_argument(text: str) -> float | str:
+    """--time-dilation as given on the command line, or a one-line error."""
+    try:
+        value = text if text == AUTO else float(text)
+        return parse_dilation(value)
+    except ValueError:
+        raise TestbedError(f"--time-dilation: got {text!r}, expected "
+                           f"{DILATION_EXPECTED}") from None
+
+
+def chosen(override: float | str | None, scenario_tdf: float | str | None,
+           topology_path) -> float | str:
+    """The TDF asked for, in order of precedence: a number or 'auto'."""
+    if override is not None:
+        return override
+    if scenario_tdf is not None:
+        return scenario_tdf
+    return load_topology(topology_path).time_dilation
+
+
+def pilot_policies(policies: list[str]) -> list[str]:
+    moving = [p for p in policies if p != "oracle"]
+    return moving or list(policies)
+
+
+def pick(topology_path, policies: list[str], pilot: Pilot) -> tuple[float, str]:
+    """The smallest candidate TDF whose pilots are all VALID, and why, in one line. When
+    none is, the largest that the topology's rates allow, said so."""
+    topology = load_topology(topology_path)
+    tried: list[str] = []
+    usable = []
+    for tdf in CANDIDATES:
+        try:
+            topology.dilated(tdf)
+        except ValidationError:    # a rate below what the host can shape: stop here
+            break
+        usable.append(tdf)
+        failed = None
+        for policy in pilot_policies(policies):
+            verdict = pilot(policy, tdf)["fidelity"]
+            if not verdict["valid"]:
+                failed = f"{policy} {verdict['summary']}"
+                break
+        if failed is None:
+            why = "; ".join(tried + [f"TDF {tdf:g} VALID"])
+            return tdf, f"auto: TDF {tdf:g} for {topology.name} ({why})"
+        tried.append(f"TDF {tdf:g} {failed}")
+    if not usable:
+        raise TestbedError(f"{topology_path}: no time dilation fits its link rates")
+    return usable[-1], (f"auto: TDF {usable[-1]:g} for {topology.name}, the largest its rates "
+                        f"allow, though no pilot was VALID ({'; '.join(tried)})")
+
+
+def resolve(topology_path, override: float | str | None, scenario_tdf: float | str | None,
+            policies: list[str], pilot: Pilot) -> tuple[float, str]:
+    """The TDF for one topology's runs, and a line saying where it came from."""
+    asked = chosen(override, scenario_tdf, topology_path)
+    if asked != AUTO:
+        source = ("--time-dilation" if override is not None
+                  else "the scenario" if scenario_tdf is not None else "the topology")
+        return asked, f"TDF {asked:g} (from {source})"
+    return pick(topology_path, policies, pilot)

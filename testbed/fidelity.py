@@ -1,0 +1,228 @@
+"""The fidelity verdict: whether a run measured the emulated cluster or the host under it.
+
+A 2-core host that falls behind stretches every figure without a word. Like Mininet-HiFi
+(CoNEXT'12), each run is judged by invariants that hold only while the emulation keeps up,
+sampled at SAMPLE_HZ while the workload runs:
+
+  host CPU headroom   the host's CPU idle share is at least CPU_IDLE_MIN in at least
+                      CPU_WINDOWS_MIN of the 1 s windows
+  link pace           while a shaped link is backlogged throughout a 1 s window, its HTB
+                      root sends at least LINK_PACE_MIN of the rate it was given: a link that
+                      does not keep pace is slowed by the host, not by its shaping
+  kernel lateness     the 99th percentile of how late an emulated GPU kernel ends, before
+                      any make-up (agents/gpu.py), as a share of the kernel's time, is at
+                      most KERNEL_LATENESS_MAX
+  event-loop lag      every agent's (and the client's) 99th-percentile event-loop lag is at
+                      most LOOP_LAG_MAX emulated seconds
+
+A run is VALID when every invariant holds, else INVALID naming each failed one with its
+figure. Windows are wall seconds, where the host's limits live; lag is in emulated seconds.
+The thresholds, and the runs that set them, are in the README ("Virtual time").
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+
+from agents.fidelity import Quantiles
+from testbed.cpuwatch import cpu_times
+from testbed.plan import ClusterPlan
+from testbed.qos import ROOT
+from testbed.rtnl import RtnlSocket
+from testbed.state import FabricRecord
+
+SAMPLE_HZ = 10
+WINDOW_SECONDS = 1.0
+CPU_IDLE_MIN = 0.20
+CPU_WINDOWS_MIN = 0.95
+LINK_PACE_MIN = 0.95
+KERNEL_LATENESS_MAX = 0.05
+LOOP_LAG_MAX = 0.020
+QUANTILE = 0.99
+
+
+@dataclass(frozen=True)
+class LinkEnd:
+    """One shaped end of a link: the host's end shapes what it sends, the switch port what
+    it receives."""
+    host: str
+    nic: str
+    direction: str                  # "tx" (the host's end) or "rx" (its switch port)
+    namespace: str                  # key of the socket that reads it
+    index: int
+
+    @property
+    def name(self) -> str:
+        return f"{self.host}:{self.nic} {self.direction}"
+
+
+@dataclass
+class Check:
+    name: str
+    passed: bool
+    figure: str                     # what was measured, against what it needs
+    value: float | None = None
+
+    def __str__(self) -> str:
+        return f"{self.name}: {self.figure}"
+
+
+@dataclass
+class Verdict:
+    checks: list[Check] = field(default_factory=list)
+
+    @property
+    def valid(self) -> bool:
+        return all(c.passed for c in self.checks)
+
+    def summary(self) -> str:
+        """'VALID' or 'INVALID: <each failed check and its figure>'."""
+        if self.valid:
+            return "VALID"
+        return "INVALID: " + "; ".join(str(c) for c in self.checks if not c.passed)
+
+    def to_json(self) -> dict:
+        return {"valid": self.valid, "summary": self.summary(),
+                "checks": [asdict(c) for c in self.checks]}
+
+
+def windows(samples: list[tuple], seconds: float = WINDOW_SECONDS) -> list[list[tuple]]:
+    """Consecutive, non-overlapping runs of samples (each starting with its time) spanning at
+    least `seconds` each; a window shares its first sample with the previous one's last."""
+    found, start = [], 0
+    for i in range(1, len(samples)):
+        if samples[i][0] - samples[start][0] >= seconds:
+            found.append(samples[start:i + 1])
+            start = i
+    return found
+
+
+def cpu_check(samples: list[tuple[float, int, int]]) -> Check:
+    """samples: (time, busy jiffies, total jiffies)."""
+    idle = [1 - (w[-1][1] - w[0][1]) / (w[-1][2] - w[0][2])
+            for w in windows(samples) if w[-1][2] > w[0][2]]
+    if not idle:
+        return Check("host CPU headroom", False, "no 1 s window sampled")
+    share = sum(i >= CPU_IDLE_MIN for i in idle) / len(idle)
+    return Check("host CPU headroom", share >= CPU_WINDOWS_MIN,
+                 f"idle >= {CPU_IDLE_MIN:.0%} in {share:.1%} of {len(idle)} 1 s windows "
+                 f"(needs {CPU_WINDOWS_MIN:.0%})", share)
+
+
+def link_check(series: dict[str, list[tuple[float, int, int, int | None]]]) -> Check:
+    """series: per link end, (time, bytes sent, bytes queued, intended rate in bits/s or None
+    while it is meant to be down). Judged: the windows backlogged at every sample, at one
+    intended rate throughout."""
+    judged, slow = 0, []
+    for name, samples in series.items():
+        for w in windows(samples):
+            rates = {s[3] for s in w}
+            if len(rates) != 1 or None in rates or any(s[2] == 0 for s in w):
+                continue
+            judged += 1
+            pace = 8 * (w[-1][1] - w[0][1]) / (w[-1][0] - w[0][0]) / rates.pop()
+            if pace < LINK_PACE_MIN:
+                slow.append((pace, name))
+    if not judged:
+        return Check("link pace", True, "no link was backlogged for a whole 1 s window")
+    if not slow:
+        return Check("link pace", True, f"all {judged} backlogged 1 s windows at >= "
+                                        f"{LINK_PACE_MIN:.0%} of the link's rate", 1.0)
+    worst, where = min(slow)
+    return Check("link pace", False,
+                 f"{len(slow)} of {judged} backlogged 1 s windows below {LINK_PACE_MIN:.0%} "
+                 f"of the link's rate (worst: {where} at {worst:.0%})", worst)
+
+
+def kernel_check(lateness: Quantiles) -> Check:
+    if not lateness.count:
+        return Check("kernel lateness", True, "no emulated kernel ran")
+    p99 = lateness.quantile(QUANTILE)
+    return Check("kernel lateness", p99 <= KERNEL_LATENESS_MAX,
+                 f"p99 {p99:.1%} of the kernel's time over {lateness.count} kernels "
+                 f"(needs <= {KERNEL_LATENESS_MAX:.0%})", p99)
+
+
+def loop_check(lags: dict[str, Quantiles]) -> Check:
+    measured = {agent: q.quantile(QUANTILE) for agent, q in lags.items() if q.count}
+    if not measured:
+        return Check("event-loop lag", False, "no agent reported its event loop")
+    worst = max(measured, key=measured.get)
+    late = sorted(a for a, lag in measured.items() if lag > LOOP_LAG_MAX)
+    over = f"; {len(late)} of {len(measured)} agents over" if late else ""
+    return Check("event-loop lag", not late,
+                 f"worst p99 {measured[worst] * 1e3:.1f} ms ({worst}), emulated "
+                 f"(needs <= {LOOP_LAG_MAX * 1e3:.0f} ms){over}", measured[worst])
+
+
+class FidelityWatch:
+    """Samples the host CPU and every shaped link end at SAMPLE_HZ in a thread, while a
+    `with` block runs. `intended(host, nic)` is a link's rate as the testbed means it now
+    (bits/s; None while it is down): the plan's unless a fault changed it."""
+
+    def __init__(self, record: FabricRecord, plan: ClusterPlan,
+                 intended: Callable[[str, str], int | None] | None = None):
+        self.intended = intended or (lambda host, nic: plan.host(host).interface(nic).rate)
+        self.sockets = {"": RtnlSocket()}
+        self.ends: list[LinkEnd] = []
+        ports = self.sockets[""].indexes()
+        for host in record.hosts:
+            shaped = [i for i in host.interfaces if i["rate"] is not None]
+            if not shaped:
+                continue
+            ns = self.sockets[host.name] = RtnlSocket(f"/proc/{host.pid}/ns/net")
+            ends = ns.indexes()
+            for intf in shaped:
+                for direction, key, index in (("tx", host.name, ends.get(intf["name"])),
+                                              ("rx", "", ports.get(intf["switch_port"]))):
+                    if index is not None:
+                        self.ends.append(LinkEnd(host.name, intf["name"], direction, key, index))
+        self.cpu: list[tuple[float, int, int]] = []
+        self.links: dict[str, list[tuple]] = {end.name: [] for end in self.ends}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="fidelity", daemon=True)
+
+    def __enter__(self) -> "FidelityWatch":
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+        for sock in self.sockets.values():
+            sock.close()
+
+    def _run(self) -> None:
+        period = 1 / SAMPLE_HZ
+        next_at = time.monotonic()
+        while not self._stop.is_set():
+            self.sample()
+            next_at += period
+            self._stop.wait(max(0.0, next_at - time.monotonic()))
+
+    def sample(self) -> None:
+        now = time.monotonic()
+        self.cpu.append((now, *cpu_times()))
+        try:
+            qdiscs = {key: sock.root_qdiscs(ROOT) for key, sock in self.sockets.items()}
+        except OSError:            # a namespace torn down under us: the run is ending
+            return
+        for end in self.ends:
+            sent_queued = qdiscs[end.namespace].get(end.index)
+            if sent_queued:
+                self.links[end.name].append(
+                    (now, *sent_queued, self.intended(end.host, end.nic)))
+
+    @property
+    def cpu_mean(self) -> float:
+        """The mean busy share of all cores over the watch."""
+        if len(self.cpu) < 2 or self.cpu[-1][2] <= self.cpu[0][2]:
+            return 0.0
+        return (self.cpu[-1][1] - self.cpu[0][1]) / (self.cpu[-1][2] - self.cpu[0][2])
+
+    def verdict(self, kernel_lateness: Quantiles, loop_lags: dict[str, Quantiles]) -> Verdict:
+        return Verdict([cpu_check(self.cpu), link_check(self.links),
+                        kernel_check(kernel_lateness), loop_check(loop_lags)])
