@@ -6,7 +6,7 @@ TOPOLOGY ?= topologies/1p1d.yaml
 PAPER_SCENARIOS := pd-ratio ablation online balance isolation trace
 
 .PHONY: help setup test test-unit fabric-up fabric-down clean scenario bench-fabric bench-dataplane \
-	bench-scenarios bench-metrics
+	bench-scenarios bench-metrics bench-dilation
 
 help:
 	@echo "make setup          install packages, the Docker daemon, the virtualenv, the agent image"
@@ -19,6 +19,7 @@ help:
 	@echo "make bench-dataplane agent throughput against iperf3, CPU per GB, where the CPU limits"
 	@echo "make bench-scenarios the paper's experiments: $(PAPER_SCENARIOS) (about an hour)"
 	@echo "make bench-metrics  what exporting the links to Prometheus costs on 2P4D x 8"
+	@echo "make bench-dilation virtual time: convergence over TDF 1-16 against the verdict (about 80 min)"
 
 setup:
 	@bash scripts/setup.sh
@@ -50,6 +51,9 @@ bench-dataplane:
 
 bench-metrics:
 	$(VENV)/bin/python -m testbed.bench.metrics
+
+bench-dilation:
+	$(VENV)/bin/python -m testbed.bench.dilation
 
 bench-scenarios:
 	@for name in $(PAPER_SCENARIOS); do $(TESTBED) scenario run $$name || exit 1; done

@@ -94,7 +94,7 @@ def windows(samples: list[tuple], seconds: float = WINDOW_SECONDS) -> list[list[
     least `seconds` each; a window shares its first sample with the previous one's last."""
     found, start = [], 0
     for i in range(1, len(samples)):
-        if samples[i][0] - samples[start][0] >= seconds:
+        if samples[i][0] - samples[start][0] >= seconds - 1e-3:     # float sums of periods
             found.append(samples[start:i + 1])
             start = i
     return found

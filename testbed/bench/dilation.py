@@ -1,0 +1,140 @@
+"""`make bench-dilation`: does virtual time converge, and does the fidelity verdict agree?
+
+Basic, DualPath and oracle on 1P2D-g2 and 2P2D-g2, one offline workload, at TDF 1, 2, 4 and
+8, TDF 8 three times, and once at TDF 16, the reference. A run's distance is how far its
+emulated JCT lies from the reference's; the tolerance is max(3%, twice the spread of the
+TDF 8 repeats). The verdict agrees with convergence when:
+  - every run further from the reference than the tolerance is INVALID;
+  - at most one run within the tolerance is INVALID;
+  - `auto` (testbed/dilation.py, its pilots run here too) picks, per topology, the smallest
+    TDF from which every policy's runs are within the tolerance.
+The workload is sized so that basic's busiest SNIC is at least 80% busy (checked, printed).
+
+Prints the table and writes results/bench-dilation/<timestamp>.json and .md. About 70 to 90
+minutes on a 2-core machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from testbed import dilation as dilations
+from testbed.bench import REPO, save
+from testbed.report import table
+from testbed.runner import run_policy, summarize
+from testbed.scenario import Scenario
+
+TOPOLOGIES = ["topologies/1p2d-g2.yaml", "topologies/2p2d-g2.yaml"]
+POLICIES = ["basic", "dualpath", "oracle"]
+# (TDF, repeat): the TDF 8 repeats measure the noise; TDF 16 is the reference.
+RUNS = [(1.0, 0), (2.0, 0), (4.0, 0), (8.0, 0), (8.0, 1), (8.0, 2), (16.0, 0)]
+REFERENCE = (16.0, 0)
+MIN_TOLERANCE = 0.03
+SNIC_BUSY_MIN = 0.80
+WORKLOAD = {"dataset": "64k", "agents": 160, "seed": 1, "start_turn": 30, "max_turns": 2}
+
+
+def busiest_snic(result: dict) -> float:
+    """The busiest node SNIC's mean read utilization while the run's SNICs carried anything."""
+    per_node = [[u for _, u in series if u > 0.05] for series in result["snic_timeline"].values()]
+    return max((sum(us) / len(us) for us in per_node if us), default=0.0)
+
+
+def tolerance_of(rows: list[dict]) -> float:
+    repeats = [r["jct"] for r in rows if r["tdf"] == 8.0]
+    spread = (max(repeats) - min(repeats)) / (sum(repeats) / len(repeats)) if repeats else 0.0
+    return max(MIN_TOLERANCE, 2 * spread)
+
+
+def converged_tdf(rows: list[dict]) -> float | None:
+    """The smallest TDF from which every run (every policy, every repeat) is within."""
+    for tdf in sorted({r["tdf"] for r in rows}):
+        if all(r["within"] for r in rows if r["tdf"] >= tdf):
+            return tdf
+    return None
+
+
+def judge(rows: list[dict]) -> dict:
+    """Distances, the tolerance, and whether the verdict agrees with convergence."""
+    for topology in {r["topology"] for r in rows}:
+        mine = [r for r in rows if r["topology"] == topology]
+        for policy in POLICIES:
+            runs = [r for r in mine if r["policy"] == policy]
+            reference = next(r for r in runs if (r["tdf"], r["repeat"]) == REFERENCE)
+            tolerance = tolerance_of(runs)
+            for r in runs:
+                r["distance"] = abs(r["jct"] / reference["jct"] - 1)
+                r["tolerance"] = tolerance
+                r["within"] = r["distance"] <= tolerance
+    far_valid = [r for r in rows if not r["within"] and r["valid"]]
+    near_invalid = [r for r in rows if r["within"] and not r["valid"]]
+    return {"far_but_valid": len(far_valid), "within_but_invalid": len(near_invalid),
+            "agrees": not far_valid and len(near_invalid) <= 1}
+
+
+def run_one(topology: str, policy: str, tdf: float, horizon: float | None = None) -> dict:
+    scenario = Scenario.model_validate({
+        "name": "bench-dilation", "topologies": [topology], "model": "ds-27b",
+        "workload": WORKLOAD, "policies": POLICIES})
+    started = time.monotonic()
+    result = run_policy(scenario, topology, policy, None, dilation=tdf, horizon=horizon)
+    result["wall_seconds"] = time.monotonic() - started
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(prog="make bench-dilation")
+    parser.add_argument("--topologies", nargs="+", default=TOPOLOGIES)
+    args = parser.parse_args()
+    started = time.strftime("%Y%m%d-%H%M%S")
+    rows, picks = [], {}
+    for topology in args.topologies:
+        pick, why = dilations.pick(REPO / topology, POLICIES, lambda policy, tdf: run_one(
+            topology, policy, tdf, horizon=dilations.PILOT_SECONDS))
+        picks[topology] = {"tdf": pick, "why": why}
+        print(why, flush=True)
+        for tdf, repeat in RUNS:
+            for policy in POLICIES:
+                result = run_one(topology, policy, tdf)
+                summary = summarize(result, Scenario.model_validate({
+                    "name": "b", "topologies": [topology], "model": "ds-27b",
+                    "workload": WORKLOAD, "policies": POLICIES}).workload)
+                rows.append({"topology": result["topology"], "policy": policy, "tdf": tdf,
+                             "repeat": repeat, "jct": result["jct"],
+                             "wall_seconds": result["wall_seconds"],
+                             "busiest_snic": busiest_snic(result), "failed": summary["failed"],
+                             "valid": result["fidelity"]["valid"],
+                             "verdict": result["fidelity"]["summary"],
+                             "checks": result["fidelity"]["checks"]})
+    agreement = judge(rows)
+    converged = {t: converged_tdf([r for r in rows if r["topology"] == t])
+                 for t in {r["topology"] for r in rows}}
+    for topology, pick in picks.items():
+        name = topology.rsplit("/", 1)[-1].removesuffix(".yaml")
+        pick["converged_tdf"] = converged.get(name)
+        pick["agrees"] = pick["tdf"] == converged.get(name)
+    basic_busy = min((r["busiest_snic"] for r in rows if r["policy"] == "basic"), default=0)
+
+    text = table(["TOPOLOGY", "POLICY", "TDF", "#", "JCT", "WALL", "DISTANCE", "TOLERANCE",
+                  "BUSIEST SNIC", "VERDICT"],
+                 [[r["topology"], r["policy"], f"{r['tdf']:g}", str(r["repeat"]),
+                   f"{r['jct']:.2f} s", f"{r['wall_seconds']:.0f} s", f"{r['distance']:.1%}",
+                   f"{r['tolerance']:.1%}", f"{r['busiest_snic']:.0%}", r["verdict"]]
+                  for r in rows])
+    text += (f"\n\nverdict against convergence: {agreement['far_but_valid']} runs outside the "
+             f"tolerance called VALID (needs 0), {agreement['within_but_invalid']} within it "
+             f"called INVALID (needs <= 1): {'agrees' if agreement['agrees'] else 'DISAGREES'}")
+    for topology, pick in picks.items():
+        text += (f"\n{topology}: auto picked TDF {pick['tdf']:g}, converged from TDF "
+                 f"{pick['converged_tdf']}: {'agrees' if pick['agrees'] else 'DISAGREES'}")
+    text += (f"\nbasic's busiest SNIC, least busy run: {basic_busy:.0%} "
+             f"(needs >= {SNIC_BUSY_MIN:.0%})")
+    print("\n" + text)
+    out = save("dilation", started, {"workload": WORKLOAD, "rows": rows, "picks": picks,
+                                     "agreement": agreement, "basic_busiest_snic": basic_busy})
+    out.with_suffix(".md").write_text(f"# make bench-dilation, {started}\n\n```\n{text}\n```\n")
+
+
+if __name__ == "__main__":
+    main()

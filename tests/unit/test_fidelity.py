@@ -1,0 +1,115 @@
+"""The fidelity verdict's arithmetic, on hand-built samples: 1 s windows, each invariant
+passing and failing, the percentiles the agents report, and the verdict's one line."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from agents.fidelity import Quantiles
+from testbed.fidelity import (Verdict, cpu_check, kernel_check, link_check, loop_check,
+                              windows)
+
+RATE = 8_000_000          # bits/s: 1 MB/s
+
+
+def cpu_samples(idle_shares: list[float], hz: int = 10) -> list[tuple[float, int, int]]:
+    """(time, busy, total) jiffies with the given idle share in each second."""
+    samples, busy, total, t = [(0.0, 0, 0)], 0, 0, 0.0
+    for idle in idle_shares:
+        for _ in range(hz):
+            t, total, busy = t + 1 / hz, total + 100, busy + round(100 * (1 - idle))
+            samples.append((t, busy, total))
+    return samples
+
+
+def link_samples(seconds: float, pace: float, queued: int = 5000, rate: int | None = RATE,
+                 hz: int = 10) -> list[tuple]:
+    """(time, bytes sent, bytes queued, intended rate) of a link sending at `pace` x RATE."""
+    step = 1 / hz
+    return [(i * step, round(i * step * pace * RATE / 8), queued, rate)
+            for i in range(round(seconds * hz) + 1)]
+
+
+def test_windows_span_a_second_each_and_share_their_edges():
+    found = windows([(i / 10,) for i in range(31)])
+    assert len(found) == 3
+    assert all(w[-1][0] - w[0][0] == pytest.approx(1.0) for w in found)
+    assert found[1][0] == found[0][-1]
+
+
+def test_cpu_headroom_holds_with_one_busy_window_in_twenty_and_fails_with_two():
+    assert cpu_check(cpu_samples([0.5] * 19 + [0.05])).passed
+    check = cpu_check(cpu_samples([0.5] * 18 + [0.05] * 2))
+    assert not check.passed and check.value == pytest.approx(0.9)
+    assert "idle >= 20% in 90.0% of 20 1 s windows (needs 95%)" == check.figure
+
+
+def test_a_backlogged_link_at_its_rate_keeps_pace_and_one_at_half_does_not():
+    assert link_check({"n0:snic rx": link_samples(5, 1.0)}).passed
+    check = link_check({"n0:snic rx": link_samples(5, 1.0),
+                        "st0:stor tx": link_samples(5, 0.5)})
+    assert not check.passed
+    assert check.figure.startswith("5 of 10 backlogged 1 s windows below 95%")
+    assert "worst: st0:stor tx at 50%" in check.figure
+
+
+def test_a_link_with_an_empty_queue_a_fault_or_a_rate_change_is_not_judged():
+    idle = link_samples(5, 0.1, queued=0)                  # slow because nothing to send
+    down = link_samples(5, 0.0, rate=None)                 # taken down by a fault
+    changing = link_samples(5, 0.5)
+    changing = [s if s[0] < 0.55 else s[:3] + (RATE // 2,) for s in changing]
+    check = link_check({"a": idle, "b": down, "c": changing})
+    # c's first window spans the change; from then on it keeps its new rate
+    assert check.passed and "all 4 backlogged" in check.figure
+
+
+def test_quantiles_are_within_the_bucket_growth_of_the_truth_and_merge():
+    rng = random.Random(1)
+    values = [rng.expovariate(100) for _ in range(20_000)]
+    half = Quantiles()
+    for v in values[:10_000]:
+        half.add(v)
+    other = Quantiles.from_json(half.to_json())
+    for v in values[10_000:]:
+        other.add(v)
+    merged = Quantiles().merge(half).merge(other)
+    assert merged.count == 30_000
+    truth = sorted(values[:10_000] * 2 + values[10_000:])[int(0.99 * 30_000)]
+    assert truth <= merged.quantile(0.99) <= truth * 1.06
+    assert Quantiles().quantile(0.99) == 0.0
+
+
+def test_kernel_lateness_and_loop_lag_fail_above_their_thresholds():
+    prompt, late = Quantiles(), Quantiles()
+    for _ in range(990):
+        prompt.add(0.01)
+        late.add(0.01)
+    for _ in range(10):
+        prompt.add(0.02)
+        late.add(0.5)
+    assert kernel_check(prompt).passed
+    assert kernel_check(Quantiles()).passed             # no kernel: nothing late
+    failed = Quantiles().merge(late)
+    for _ in range(10):
+        failed.add(0.5)                                  # 2% of kernels 50% late
+    assert not kernel_check(failed).passed
+    quick, slow = Quantiles(), Quantiles()
+    for _ in range(100):
+        quick.add(0.002)
+        slow.add(0.04)
+    assert loop_check({"n0": quick}).passed
+    check = loop_check({"n0": quick, "n0g1": slow})
+    assert not check.passed and "(n0g1)" in check.figure and "1 of 2 agents over" in check.figure
+    assert not loop_check({}).passed                    # no agent answered: no evidence
+
+
+def test_the_verdict_names_each_failed_invariant_with_its_figure():
+    good = cpu_check(cpu_samples([0.5] * 20))
+    bad = link_check({"n0:snic rx": link_samples(3, 0.5)})
+    assert Verdict([good]).summary() == "VALID"
+    verdict = Verdict([good, bad])
+    assert not verdict.valid
+    assert verdict.summary() == f"INVALID: link pace: {bad.figure}"
+    assert verdict.to_json()["checks"][1]["passed"] is False
