@@ -9,9 +9,13 @@ namespace; the HTB classes come from each end.
 
 Labels name the physical thing: host, node, gpu ("" for a node or storage host), nic, role,
 fabric, direction and, for HTB classes, class: "link" (the whole link), "high" and "low"
-(the two priority classes of a CNIC). Bytes and rates are the emulated ones; utilization is
-`rate(dualpath_link_bytes_total[5s]) / dualpath_link_rate_bytes`, and
-`dualpath_fabric_scale` turns emulated bytes into the real cluster's.
+(the two priority classes of a CNIC). Bytes are the emulated ones; rates are per wall second,
+as Prometheus scrapes: `dualpath_link_rate_bytes` is the rate the link is shaped to, the real
+rate / scale / time dilation (`testbed.plan`). Utilization is
+`rate(dualpath_link_bytes_total[5s]) / dualpath_link_rate_bytes`, a ratio of two wall rates,
+so it needs neither factor. An absolute rate in the emulated cluster's time is the wall rate
+x `dualpath_time_dilation` (wall seconds per emulated second, `agents.clock`), and
+x `dualpath_fabric_scale` too for the real cluster's bytes.
 """
 
 from __future__ import annotations
@@ -60,6 +64,7 @@ class LinkCollector(Collector):
 
     def __init__(self, record: FabricRecord, plan: ClusterPlan):
         self.scale = plan.topology.scale
+        self.dilation = plan.topology.dilation
         self.topology = record.topology
         self.root = RtnlSocket()
         self.namespaces: dict[str, RtnlSocket] = {}
@@ -94,13 +99,19 @@ class LinkCollector(Collector):
             "dualpath_link_packets", "Packets the host sent (tx) or received (rx) on the link",
             labels=LINK_LABELS)
         rate = GaugeMetricFamily(
-            "dualpath_link_rate_bytes", "Configured (emulated) rate of the link, bytes/s",
+            "dualpath_link_rate_bytes",
+            "Configured rate of the link as shaped: emulated bytes per wall second",
             labels=LINK_LABELS)
         per_class = {stat: kind(name, documentation, labels=CLASS_LABELS)
                      for stat, (kind, name, documentation) in CLASS_FAMILIES.items()}
         scale = GaugeMetricFamily(
             "dualpath_fabric_scale", "Real-cluster bytes per emulated byte", labels=("topology",))
         scale.add_metric((self.topology,), self.scale)
+        dilation = GaugeMetricFamily(
+            "dualpath_time_dilation",
+            "Time-dilation factor of the fabric: wall seconds per emulated second",
+            labels=("topology",))
+        dilation.add_metric((self.topology,), self.dilation)
 
         with self.lock:
             if not self.namespaces:      # closed
@@ -121,7 +132,7 @@ class LinkCollector(Collector):
                 for cls, stats in classes[(link, direction)].items():
                     for stat, family in per_class.items():
                         family.add_metric(full + (cls,), stats[stat])
-        yield from (link_bytes, link_packets, rate, *per_class.values(), scale)
+        yield from (link_bytes, link_packets, rate, *per_class.values(), scale, dilation)
 
 
 def _class_counters(sock: RtnlSocket, index: int | None) -> dict[str, dict[str, int]]:

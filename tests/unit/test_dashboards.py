@@ -7,6 +7,7 @@ tests/integration/test_observability.py."""
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -19,6 +20,13 @@ from grafana_foundation_sdk.models.prometheus import Dataquery as PrometheusQuer
 DASHBOARDS = Path(__file__).resolve().parents[2] / "dashboards"
 FILES = sorted(DASHBOARDS.glob("*.json"))
 register_default_plugins()
+# Grafana's per-second units: a panel in one of these shows an absolute rate.
+PER_SECOND_UNITS = {"Bps", "binBps", "bps", "binbps", "pps", "ops", "reqps", "rps", "wps",
+                    "iops", "cps", "KBs", "MBs", "GBs", "Kbits", "Mbits", "Gbits"}
+RATE = re.compile(r"\b(?:rate|irate|increase)\(")
+# The rate times the TDF, as a scalar or joined on the topology.
+TIMES_DILATION = re.compile(r"\*\s*(?:scalar\(\s*max\(\s*)?(?:on\s*\([\w\s,]*\)\s*"
+                            r"group_left\s*(?:\([\w\s,]*\)\s*)?)?dualpath_time_dilation\b")
 
 
 def provisioned_datasource() -> dict:
@@ -56,3 +64,36 @@ def test_a_dashboard_loads_through_the_grafana_11_models_unchanged(path):
         for query, target in zip(panel.targets, original["targets"]):
             assert isinstance(query, PrometheusQuery), original["title"]
             assert query.expr == target["expr"] and query.datasource.uid == uid
+
+
+def panel_queries() -> list[tuple[dict, str]]:
+    """(panel, query) of every panel of every dashboard."""
+    return [(panel, target["expr"]) for path in FILES
+            for panel in json.loads(path.read_text())["panels"] for target in panel["targets"]]
+
+
+def is_absolute_rate(expr: str) -> bool:
+    """A counter's rate over wall time, in its own units: not a histogram's (a latency) and
+    not divided by anything (a utilization or a max/avg ratio, where wall time cancels)."""
+    unquoted = re.sub(r'"[^"]*"', '""', expr)
+    return bool(RATE.search(unquoted)) and "_bucket" not in unquoted and "/" not in unquoted
+
+
+def test_absolute_rates_are_multiplied_by_the_time_dilation_into_emulated_time():
+    rates = [(panel, expr) for panel, expr in panel_queries() if is_absolute_rate(expr)]
+    assert rates
+    for panel, expr in rates:
+        assert TIMES_DILATION.search(expr), f"{panel['title']}: wall rate in {expr}"
+        assert "emulated" in panel["title"] + panel["description"], panel["title"]
+    for panel, _ in panel_queries():
+        shows_rates = all(is_absolute_rate(target["expr"]) for target in panel["targets"])
+        assert (panel["fieldConfig"]["defaults"]["unit"] in PER_SECOND_UNITS) == shows_rates, \
+            panel["title"]
+
+
+def test_utilizations_ratios_and_latencies_are_left_undilated():
+    others = [(panel, expr) for panel, expr in panel_queries() if not is_absolute_rate(expr)]
+    utilizations = [expr for _, expr in others if "dualpath_link_rate_bytes" in expr]
+    assert utilizations and all("/" in expr for expr in utilizations)
+    for panel, expr in others:
+        assert "dualpath_time_dilation" not in expr, panel["title"]
