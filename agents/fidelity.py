@@ -21,14 +21,15 @@ LOOP_LAG_PERIOD = 0.1      # wall seconds between event-loop probes: 10 Hz
 
 
 class Quantiles:
-    """A histogram of non-negative values in log buckets."""
+    """A histogram of non-negative values in log buckets, each value with a weight (1, or
+    the time it stands for)."""
 
-    def __init__(self, counts: dict[int, int] | None = None):
-        self.counts: dict[int, int] = dict(counts or {})
+    def __init__(self, counts: dict[int, float] | None = None):
+        self.counts: dict[int, float] = dict(counts or {})
 
-    def add(self, value: float) -> None:
+    def add(self, value: float, weight: float = 1.0) -> None:
         bucket = 0 if value <= SMALLEST else 1 + int(math.log(value / SMALLEST, BUCKET_GROWTH))
-        self.counts[bucket] = self.counts.get(bucket, 0) + 1
+        self.counts[bucket] = self.counts.get(bucket, 0) + weight
 
     def merge(self, other: "Quantiles") -> "Quantiles":
         for bucket, count in other.counts.items():
@@ -36,7 +37,8 @@ class Quantiles:
         return self
 
     @property
-    def count(self) -> int:
+    def count(self) -> float:
+        """The weight of every value added."""
         return sum(self.counts.values())
 
     def quantile(self, q: float) -> float:
@@ -48,17 +50,18 @@ class Quantiles:
                 return SMALLEST * BUCKET_GROWTH ** bucket
         return 0.0
 
-    def to_json(self) -> dict[str, int]:
+    def to_json(self) -> dict[str, float]:
         return {str(bucket): count for bucket, count in self.counts.items()}
 
     @classmethod
     def from_json(cls, data: dict) -> "Quantiles":
-        return cls({int(bucket): int(count) for bucket, count in data.items()})
+        return cls({int(bucket): float(count) for bucket, count in data.items()})
 
 
 class Timeliness:
-    """An agent's two measures: event-loop lag (emulated seconds) and kernel lateness
-    (a share of each kernel's own time, before any make-up)."""
+    """An agent's two measures: event-loop lag (emulated seconds, one value per probe) and
+    kernel lateness (a share of each kernel's own time, before any make-up, weighted by that
+    time: a microsecond kernel a millisecond late weighs as little as it lasts)."""
 
     def __init__(self):
         self.loop_lag = Quantiles()

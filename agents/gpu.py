@@ -46,6 +46,6 @@ class Gpu:
             overshoot = clock.emulated(time.monotonic() - started) - (seconds - made_up)
             if seconds > 0:
                 beyond_timer = overshoot - clock.emulated(TIMER_GRANULARITY)
-                self.lateness.add(max(0.0, beyond_timer) / seconds)
+                self.lateness.add(max(0.0, beyond_timer) / seconds, weight=seconds)
             self.late = min(MAX_MADE_UP_SECONDS, self.late - made_up + max(0.0, overshoot))
             self.busy += seconds

@@ -11,7 +11,9 @@ sampled at SAMPLE_HZ while the workload runs:
                       does not keep pace is slowed by the host, not by its shaping
   kernel lateness     the 99th percentile of how late an emulated GPU kernel ends, before
                       any make-up (agents/gpu.py), as a share of the kernel's time, is at
-                      most KERNEL_LATENESS_MAX
+                      most KERNEL_LATENESS_MAX; the percentile is of GPU time (each kernel
+                      weighs its time), so 99% of the GPU's time ran in kernels that late
+                      at most
   event-loop lag      every agent's (and the client's) 99th-percentile event-loop lag is at
                       most LOOP_LAG_MAX emulated seconds
 
@@ -142,7 +144,7 @@ def kernel_check(lateness: Quantiles) -> Check:
         return Check("kernel lateness", True, "no emulated kernel ran")
     p99 = lateness.quantile(QUANTILE)
     return Check("kernel lateness", p99 <= KERNEL_LATENESS_MAX,
-                 f"p99 {p99:.1%} of the kernel's time over {lateness.count} kernels "
+                 f"p99 {p99:.1%} of the kernel's time, over {lateness.count:.1f} s of GPU time "
                  f"(needs <= {KERNEL_LATENESS_MAX:.0%})", p99)
 
 
