@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 
+import pytest
 from pyroute2 import IPRoute
 
 from testbed import qos
@@ -60,7 +61,7 @@ class Throttler(threading.Thread):
         snic = plan.host("n0").interface("snic")
         while not self.stop.is_set():
             record = FabricRecord.read()
-            if record and record.status == "ready":
+            if record:
                 root = RtnlSocket()
                 try:
                     index = root.indexes().get(snic.switch_port)
@@ -77,16 +78,16 @@ class Throttler(threading.Thread):
 
 
 def test_a_link_slowed_behind_the_shapers_back_fails_the_link_pace():
-    throttler = Throttler(after_bytes=4 << 20, delay=3.0)
+    throttler = Throttler(after_bytes=2 << 20, delay=4.0)
     throttler.start()
     try:
-        result = run_policy(scenario(agents=48, turns=2), TOPOLOGY, "basic", None)
+        result = run_policy(scenario(agents=96, turns=2), TOPOLOGY, "basic", None)
     finally:
         throttler.stop.set()
         throttler.join()
     assert throttler.done.is_set(), "the workload never loaded n0's SNIC"
     pace = checks(result)["link pace"]
-    assert not pace["passed"] and not result["fidelity"]["valid"]
+    assert not pace["passed"] and not result["fidelity"]["valid"], pace
     assert "worst: n0:snic rx at" in pace["figure"]
     assert 0.4 <= pace["value"] <= 0.6, pace       # half the rate it was meant to have
     # The windows before the cut kept pace: the check judges, it does not always fail.
@@ -107,4 +108,8 @@ def test_virtual_time_keeps_emulated_figures_while_the_wall_time_stretches():
     assert 0.75 <= tpot[1] / tpot[0] <= 1.33, tpot
     wall = [res["wall"][1] - res["wall"][0] for res in (one, two)]
     assert 1.5 <= wall[1] / wall[0] <= 2.6, wall
-    assert sum(two["snic_read_bytes"].values()) == sum(one["snic_read_bytes"].values())
+    # the same KV bytes, verified; on the wire the same within headers and retransmits
+    verified = [sum(r["prompt_bytes_verified"] for r in res["records"]) for res in (one, two)]
+    assert verified[0] == verified[1] > 0
+    wire = [sum(res["snic_read_bytes"].values()) for res in (one, two)]
+    assert wire[1] == pytest.approx(wire[0], rel=0.01)
