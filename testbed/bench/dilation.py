@@ -27,9 +27,9 @@ from testbed.scenario import Scenario
 
 TOPOLOGIES = ["topologies/1p2d-g2.yaml", "topologies/2p2d-g2.yaml"]
 POLICIES = ["basic", "dualpath", "oracle"]
-# (TDF, repeat): the TDF 8 repeats measure the noise; TDF 16 is the reference.
-RUNS = [(1.0, 0), (2.0, 0), (4.0, 0), (8.0, 0), (8.0, 1), (8.0, 2), (16.0, 0)]
-REFERENCE = (16.0, 0)
+# The largest TDF is the reference; the second largest is repeated to measure the noise.
+TDFS = [1.0, 2.0, 4.0, 8.0, 16.0]
+REPEATS = 3
 MIN_TOLERANCE = 0.03
 SNIC_BUSY_MIN = 0.80
 WORKLOAD = {"dataset": "64k", "agents": 160, "seed": 1, "start_turn": 30, "max_turns": 2}
@@ -41,8 +41,17 @@ def busiest_snic(result: dict) -> float:
     return max((sum(us) / len(us) for us in per_node if us), default=0.0)
 
 
+def plan_runs(tdfs: list[float], repeats: int) -> list[tuple[float, int]]:
+    """(TDF, repeat) in order: each TDF once, the second largest `repeats` times."""
+    tdfs = sorted(tdfs)
+    noise = tdfs[-2] if len(tdfs) > 1 else tdfs[-1]
+    return [(tdf, r) for tdf in tdfs for r in range(repeats if tdf == noise else 1)]
+
+
 def tolerance_of(rows: list[dict]) -> float:
-    repeats = [r["jct"] for r in rows if r["tdf"] == 8.0]
+    tdfs = sorted({r["tdf"] for r in rows})
+    noise = tdfs[-2] if len(tdfs) > 1 else tdfs[-1]
+    repeats = [r["jct"] for r in rows if r["tdf"] == noise]
     spread = (max(repeats) - min(repeats)) / (sum(repeats) / len(repeats)) if repeats else 0.0
     return max(MIN_TOLERANCE, 2 * spread)
 
@@ -61,7 +70,7 @@ def judge(rows: list[dict]) -> dict:
         mine = [r for r in rows if r["topology"] == topology]
         for policy in POLICIES:
             runs = [r for r in mine if r["policy"] == policy]
-            reference = next(r for r in runs if (r["tdf"], r["repeat"]) == REFERENCE)
+            reference = max(runs, key=lambda r: r["tdf"])
             tolerance = tolerance_of(runs)
             for r in runs:
                 r["distance"] = abs(r["jct"] / reference["jct"] - 1)
@@ -73,10 +82,14 @@ def judge(rows: list[dict]) -> dict:
             "agrees": not far_valid and len(near_invalid) <= 1}
 
 
-def run_one(topology: str, policy: str, tdf: float, horizon: float | None = None) -> dict:
-    scenario = Scenario.model_validate({
+def bench_scenario(topology: str, agents: int) -> Scenario:
+    return Scenario.model_validate({
         "name": "bench-dilation", "topologies": [topology], "model": "ds-27b",
-        "workload": WORKLOAD, "policies": POLICIES})
+        "workload": {**WORKLOAD, "agents": agents}, "policies": POLICIES})
+
+
+def run_one(scenario: Scenario, topology: str, policy: str, tdf: float,
+            horizon: float | None = None) -> dict:
     started = time.monotonic()
     result = run_policy(scenario, topology, policy, None, dilation=tdf, horizon=horizon)
     result["wall_seconds"] = time.monotonic() - started
@@ -86,20 +99,30 @@ def run_one(topology: str, policy: str, tdf: float, horizon: float | None = None
 def main() -> None:
     parser = argparse.ArgumentParser(prog="make bench-dilation")
     parser.add_argument("--topologies", nargs="+", default=TOPOLOGIES)
+    parser.add_argument("--tdfs", nargs="+", type=float, default=TDFS)
+    parser.add_argument("--repeats", type=int, default=REPEATS)
+    parser.add_argument("--agents", type=int, default=WORKLOAD["agents"])
+    parser.add_argument("--skip-auto", action="store_true",
+                        help="no pilots: a quick look at the table, without auto's pick")
     args = parser.parse_args()
     started = time.strftime("%Y%m%d-%H%M%S")
     rows, picks = [], {}
     for topology in args.topologies:
-        pick, why = dilations.pick(REPO / topology, POLICIES, lambda policy, tdf: run_one(
-            topology, policy, tdf, horizon=dilations.PILOT_SECONDS))
-        picks[topology] = {"tdf": pick, "why": why}
-        print(why, flush=True)
-        for tdf, repeat in RUNS:
+        scenario = bench_scenario(topology, args.agents)
+        pilots: list[dict] = []
+
+        def pilot(policy: str, tdf: float) -> dict:
+            result = run_one(scenario, topology, policy, tdf, horizon=dilations.PILOT_SECONDS)
+            pilots.append({"policy": policy, "tdf": tdf, "checks": result["fidelity"]["checks"]})
+            return result
+        if not args.skip_auto:
+            pick, why = dilations.pick(REPO / topology, POLICIES, pilot)
+            picks[topology] = {"tdf": pick, "why": why, "pilots": pilots}
+            print(why, flush=True)
+        for tdf, repeat in plan_runs(args.tdfs, args.repeats):
             for policy in POLICIES:
-                result = run_one(topology, policy, tdf)
-                summary = summarize(result, Scenario.model_validate({
-                    "name": "b", "topologies": [topology], "model": "ds-27b",
-                    "workload": WORKLOAD, "policies": POLICIES}).workload)
+                result = run_one(scenario, topology, policy, tdf)
+                summary = summarize(result, scenario.workload)
                 rows.append({"topology": result["topology"], "policy": policy, "tdf": tdf,
                              "repeat": repeat, "jct": result["jct"],
                              "wall_seconds": result["wall_seconds"],
@@ -131,7 +154,8 @@ def main() -> None:
     text += (f"\nbasic's busiest SNIC, least busy run: {basic_busy:.0%} "
              f"(needs >= {SNIC_BUSY_MIN:.0%})")
     print("\n" + text)
-    out = save("dilation", started, {"workload": WORKLOAD, "rows": rows, "picks": picks,
+    out = save("dilation", started, {"workload": scenario.workload.model_dump(), "rows": rows,
+                                     "picks": picks,
                                      "agreement": agreement, "basic_busiest_snic": basic_busy})
     out.with_suffix(".md").write_text(f"# make bench-dilation, {started}\n\n```\n{text}\n```\n")
 
