@@ -59,14 +59,3 @@ def snapshot(record: FabricRecord) -> dict[tuple, int]:
 
 def delta(before: dict[tuple, int], after: dict[tuple, int]) -> dict[tuple, int]:
     return {key: after[key] - before.get(key, 0) for key in after}
-
-
-def nic_bytes(record: FabricRecord, nic: str, direction: str) -> dict[str, int]:
-    """One NIC's byte counter on every host that has it (e.g. every node's snic rx)."""
-    found = {}
-    for host in record.hosts:
-        if any(intf["name"] == nic for intf in host.interfaces):
-            with IPRoute(netns=f"/proc/{host.pid}/ns/net", flags=0) as ipr:
-                rx, tx = _link_bytes(ipr).get(nic, (0, 0))
-            found[host.name] = rx if direction == "rx" else tx
-    return found

@@ -218,6 +218,15 @@ class FidelityWatch:
                 self.links[end.name].append(
                     (now, *sent_queued, self.intended(end.host, end.nic)))
 
+    def received(self, nic: str) -> dict[str, int]:
+        """Bytes each host has received on `nic` so far (its switch port's sent bytes), from
+        the latest sample: the same count as the host's interface, without a netlink read."""
+        latest = {}
+        for end in self.ends:
+            if end.nic == nic and end.direction == "rx" and self.links[end.name]:
+                latest[end.host] = self.links[end.name][-1][1]
+        return latest
+
     @property
     def cpu_mean(self) -> float:
         """The mean busy share of all cores over the watch."""

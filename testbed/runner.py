@@ -295,7 +295,7 @@ async def inject(faults: list[FaultSpec], injector: Injector, outcome: Outcome,
         await asyncio.gather(*tasks, *applying, return_exceptions=True)
 
 
-async def timeliness(plan: ClusterPlan, reset: bool) -> dict[str, dict]:
+async def collect_timeliness(plan: ClusterPlan, reset: bool) -> dict[str, dict]:
     """Every agent's event-loop lag and kernel lateness since its last reset (`reset`: start
     anew); an agent that does not answer (killed by a fault) is left out."""
     hosts = plan.hosts
@@ -304,11 +304,12 @@ async def timeliness(plan: ClusterPlan, reset: bool) -> dict[str, dict]:
     return {h.name: r for h, r in zip(hosts, replies) if isinstance(r, dict)}
 
 
-async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenario,
-                       policy: str, workload: list[Agent], client: ClientView,
-                       cluster: RunningCluster, horizon: float | None = None) -> dict:
-    """The workload on a running cluster. `horizon`: stop after this many seconds (a pilot
-    run of `testbed.dilation`), leaving turns unfinished."""
+async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
+                       workload: list[Agent], client: ClientView, cluster: RunningCluster,
+                       watch: FidelityWatch, horizon: float | None = None) -> dict:
+    """The workload on a running cluster; the SNIC timeline from `watch`'s link samples.
+    `horizon`: stop after this many seconds (a pilot run of `testbed.dilation`), leaving
+    turns unfinished."""
     scheduler = plan.host("sched").address("mgmt")
     profile = load_profile(scenario.model)
     turns = [t for a in workload for t in a.turns]
@@ -321,7 +322,7 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
     outcome = Outcome()
     records = outcome.records
     geometry = Geometry.of(profile, plan.topology.scale)
-    await timeliness(plan, reset=True)
+    await collect_timeliness(plan, reset=True)
     client_timeliness = Timeliness()
     client_timeliness.start()
     began = time.time()                      # wall, for Prometheus
@@ -333,13 +334,13 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
     injecting = asyncio.create_task(inject(faults, cluster.injector, outcome, started))
     snic_rate = {n.name: n.interface("snic").rate for n in plan.of_kind("node")}
     timeline: dict[str, list[tuple[float, float]]] = {node: [] for node in snic_rate}
-    last = (clock.time(), await asyncio.to_thread(counters.nic_bytes, record, "snic", "rx"))
+    last = (clock.time(), watch.received("snic"))
     printed = clock.time()
     while not all(t.done() for t in tasks):
         if horizon is not None and clock.time() - started >= horizon:
             break
         await asyncio.wait(tasks, timeout=clock.wall(SAMPLE_SECONDS))
-        now = (clock.time(), await asyncio.to_thread(counters.nic_bytes, record, "snic", "rx"))
+        now = (clock.time(), watch.received("snic"))
         for node, rate in snic_rate.items():
             moved = now[1].get(node, 0) - last[1].get(node, 0)
             # the rate is a wall rate (dilated), so bytes over wall seconds
@@ -360,7 +361,7 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
                   f"busiest SNIC {snic:.0%}", flush=True)
     injecting.cancel()
     await asyncio.gather(injecting, return_exceptions=True)
-    agents_timeliness = await timeliness(plan, reset=False)
+    reported = await collect_timeliness(plan, reset=False)
     client_timeliness.watching.cancel()
     ending = time.time()
     if horizon is not None:             # a pilot: the turns still running are cut short
@@ -371,10 +372,10 @@ async def run_workload(plan: ClusterPlan, record: FabricRecord, scenario: Scenar
         if not task.cancelled():
             task.result()      # a bug in the client itself, not a request's failure
     lags = {host: Quantiles.from_json(reply["loop_lag"])
-            for host, reply in agents_timeliness.items()}
+            for host, reply in reported.items()}
     lags["client"] = client_timeliness.loop_lag
     lateness = Quantiles()
-    for reply in agents_timeliness.values():
+    for reply in reported.values():
         lateness.merge(Quantiles.from_json(reply["kernel_lateness"]))
     ended = [a for a in agents if a.finished is not None]
     # Offline the batch's completion; online the mean trajectory's (paper §7).
@@ -409,8 +410,8 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
         before = counters.snapshot(record)
         client = ClientView(cluster.exporter.client, policy, topology.scale)
         with FidelityWatch(record, fabric.plan, cluster.injector.intended_rate) as watch:
-            result = asyncio.run(run_workload(fabric.plan, record, scenario, policy, workload,
-                                              client, cluster, horizon))
+            result = asyncio.run(run_workload(fabric.plan, scenario, policy, workload,
+                                              client, cluster, watch, horizon))
         moved = counters.delta(before, counters.snapshot(record))
     verdict = watch.verdict(result.pop("kernel_lateness"), result.pop("loop_lags"))
     print(f"  {policy}: {verdict.summary()}", flush=True)
