@@ -9,9 +9,9 @@ import pytest
 
 from agents.fidelity import Quantiles
 from testbed.fidelity import (Verdict, cpu_check, kernel_check, link_check, loop_check,
-                              windows)
+                              pace_window, windows)
 
-RATE = 8_000_000          # bits/s: 1 MB/s
+RATE = 80_000_000         # bits/s: 10 MB/s, fast enough for 1 s windows
 
 
 def cpu_samples(idle_shares: list[float], hz: int = 10) -> list[tuple[float, int, int]]:
@@ -51,7 +51,7 @@ def test_a_backlogged_link_at_its_rate_keeps_pace_and_one_at_half_does_not():
     check = link_check({"n0:snic rx": link_samples(5, 1.0),
                         "st0:stor tx": link_samples(5, 0.5)})
     assert not check.passed
-    assert check.figure.startswith("5 of 10 backlogged 1 s windows below 95%")
+    assert check.figure.startswith("5 of 10 backlogged windows below 95%")
     assert "worst: st0:stor tx at 50%" in check.figure
 
 
@@ -63,6 +63,20 @@ def test_a_link_with_an_empty_queue_a_fault_or_a_rate_change_is_not_judged():
     check = link_check({"a": idle, "b": down, "c": changing})
     # c's first window spans the change; from then on it keeps its new rate
     assert check.passed and "all 4 backlogged" in check.figure
+
+
+def test_at_a_slow_rate_windows_lengthen_and_one_segment_in_flight_is_not_slowness():
+    """At 3 Mbit/s a second holds six 64 KiB segments: a window of whole segments may end
+    just before one leaves. Windows then span 20 segments, and one segment short passes."""
+    rate = 3_000_000
+    window = 20 * 65536 * 8 / rate
+    assert pace_window(rate) == pytest.approx(window) and pace_window(RATE * 100) == 1.0
+    samples = [(t / 10, (int(t / 10 * rate / 8) // 65536) * 65536, 65536, rate)
+               for t in range(0, 301)]                # sent in whole segments, at the rate
+    check = link_check({"n0:snic rx": samples})
+    assert check.passed and "all 8 backlogged" in check.figure      # 30 s of 3.5 s windows
+    slow = [(t, int(sent * 0.85), q, r) for t, sent, q, r in samples]
+    assert not link_check({"n0:snic rx": slow}).passed
 
 
 def test_quantiles_are_within_the_bucket_growth_of_the_truth_and_merge():
