@@ -27,8 +27,8 @@ class Clock:
         self.dilation = dilation
 
     def set_dilation(self, dilation: float) -> None:
-        if not dilation >= MIN_DILATION:       # also refuses NaN
-            raise ValueError(f"time dilation: got {dilation!r}, expected a number >= 1")
+        if not MIN_DILATION <= dilation < float("inf"):       # also refuses NaN
+            raise ValueError(f"time_dilation: got {dilation!r}, expected a number >= 1")
         self.dilation = float(dilation)
 
     def now(self) -> float:

@@ -22,7 +22,7 @@ from agents.clock import clock
 from agents.fidelity import Quantiles
 
 # The most lateness carried forward. A host so loaded that it falls further behind is limiting
-# the run (the runner's CPU watch reports that), and catching up more would bunch kernels.
+# the run (the fidelity verdict reports that), and catching up more would bunch kernels.
 MAX_MADE_UP_SECONDS = 0.1
 # asyncio waits on epoll with a timeout rounded up to whole milliseconds: any timer may fire
 # up to this late on an idle host. The fidelity verdict judges what the host adds beyond it;

@@ -482,7 +482,7 @@ class NodeAgent(Agent):
         prompt.expect(parse_blocks(body.get("prompt", [])))
         try:
             if prompt.expected:
-                await asyncio.wait_for(prompt.complete.wait(), PROMPT_TIMEOUT)
+                await asyncio.wait_for(prompt.complete.wait(), clock.wall(PROMPT_TIMEOUT))
         except asyncio.TimeoutError:
             await self.drop(frame.request)
             raise PeerError(f"request {frame.request}: prompt KV incomplete after "

@@ -37,6 +37,14 @@ def cmd_image_build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _running_dilation() -> float:
+    """The time dilation of the fabric that is up (1 if none: the caller reports that)."""
+    from testbed.state import FabricRecord
+    from testbed.topology import Topology
+    record = FabricRecord.read()
+    return Topology.model_validate_json(record.topology_json).dilation if record else 1.0
+
+
 def _fixed_dilation(text: str) -> float:
     """--time-dilation for a fabric brought up by hand: a number (auto needs a scenario)."""
     from testbed.dilation import dilation_argument
@@ -52,10 +60,12 @@ def cmd_topology_check(args: argparse.Namespace) -> int:
     from testbed.topology import load_topology
     for path in args.topology:
         topology = load_topology(path)
-        plan = build_plan(topology)
+        plan = build_plan(topology.buildable())
+        tdf = topology.time_dilation
         print(f"{path}: ok: {topology.prefill_nodes}P{topology.decode_nodes}D x "
               f"{topology.gpus_per_node} GPUs, {len(plan.hosts)} hosts, backend "
-              f"{topology.backend}, scale {topology.scale:g}")
+              f"{topology.backend}, scale {topology.scale:g}, time dilation "
+              f"{tdf if tdf == 'auto' else format(tdf, 'g')}")
     return 0
 
 
@@ -66,10 +76,12 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
     from testbed.state import FabricRecord
     from testbed.topology import load_topology
 
+    from agents.clock import clock
     overrides = {"backend": args.backend} if args.backend else {}
     if args.time_dilation is not None:
         overrides["time_dilation"] = _fixed_dilation(args.time_dilation)
     plan = build_plan(load_topology(args.topology, **overrides))
+    clock.set_dilation(plan.topology.dilation)    # faults' durations and times are emulated
     refuse_if_running()
     if args.detach:
         return _detach(args)
@@ -240,8 +252,11 @@ def cmd_scenario_run(args: argparse.Namespace) -> int:
     from testbed.scenario import load_scenario
     from testbed.state import fabric_running
     from testbed.dilation import dilation_argument
+    from testbed.scenario import check_dilation
     dilation = None if args.time_dilation is None else dilation_argument(args.time_dilation)
     scenario = load_scenario(args.scenario)
+    if isinstance(dilation, float):
+        check_dilation(dilation, scenario.topologies, "--time-dilation")
     if fabric_running():
         raise TestbedError("a fabric is up: a scenario brings up its own; "
                            "`testbed fabric down` first")
@@ -263,7 +278,7 @@ def cmd_fault(args: argparse.Namespace) -> int:
         fields["duration"] = args.duration
     if args.factor is not None:
         fields["factor"] = args.factor
-    for event in send_fault(fields):
+    for event in send_fault(fields, timeout=_running_dilation() * 600):
         result = "ok" if event["error"] is None else f"FAILED: {event['error']}"
         print(f"{event['t']:.1f} s into the run: {event['action']}: {result}")
     return 0

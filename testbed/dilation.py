@@ -12,8 +12,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from pydantic import ValidationError
-
 from testbed.errors import TestbedError
 from testbed.topology import AUTO, DILATION_EXPECTED, load_topology, parse_dilation
 
@@ -58,8 +56,8 @@ def pick(topology_path, policies: list[str], pilot: Pilot) -> tuple[float, str]:
     for tdf in CANDIDATES:
         try:
             topology.dilated(tdf)
-        except ValidationError:    # a rate below what the host can shape: stop here
-            break
+        except TestbedError:       # a rate the host cannot shape at this TDF
+            continue
         usable.append(tdf)
         failed = None
         for policy in pilot_policies(policies):

@@ -197,6 +197,10 @@ class FidelityWatch:
                         self.ends.append(LinkEnd(host.name, intf["name"], direction, key, index))
         self.cpu: list[tuple[float, int, int]] = []
         self.links: dict[str, list[tuple]] = {end.name: [] for end in self.ends}
+        # The latest sample's bytes received per (host, nic), with its time, replaced whole
+        # so that a reader in another thread sees one sample of every host.
+        self.latest: tuple[float, dict[tuple[str, str], int]] = (time.monotonic(), {})
+        self.span: list[float | None] = [None, None]    # the workload's start and end
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="fidelity", daemon=True)
 
@@ -225,28 +229,44 @@ class FidelityWatch:
             qdiscs = {key: sock.root_qdiscs(ROOT) for key, sock in self.sockets.items()}
         except OSError:            # a namespace torn down under us: the run is ending
             return
+        received = {}
         for end in self.ends:
             sent_queued = qdiscs[end.namespace].get(end.index)
             if sent_queued:
                 self.links[end.name].append(
                     (now, *sent_queued, self.intended(end.host, end.nic)))
+                if end.direction == "rx":
+                    received[(end.host, end.nic)] = sent_queued[0]
+        self.latest = (now, received)
 
-    def received(self, nic: str) -> dict[str, int]:
-        """Bytes each host has received on `nic` so far (its switch port's sent bytes), from
-        the latest sample: the same count as the host's interface, without a netlink read."""
-        latest = {}
-        for end in self.ends:
-            if end.nic == nic and end.direction == "rx" and self.links[end.name]:
-                latest[end.host] = self.links[end.name][-1][1]
-        return latest
+    def workload_starts(self) -> None:
+        self.span[0] = time.monotonic()
+
+    def workload_ends(self) -> None:
+        self.span[1] = time.monotonic()
+
+    def _during(self, samples: list[tuple]) -> list[tuple]:
+        """The samples taken while the workload ran (seeding and teardown are not judged)."""
+        start, end = self.span
+        return [s for s in samples if (start is None or s[0] >= start)
+                and (end is None or s[0] <= end)]
+
+    def received(self, nic: str) -> tuple[float, dict[str, int]]:
+        """The latest sample's time (wall, monotonic) and the bytes each host has received on
+        `nic` by then (its switch port's sent bytes: the host interface's count, without a
+        netlink read of the caller's own)."""
+        at, received = self.latest
+        return at, {host: sent for (host, name), sent in received.items() if name == nic}
 
     @property
     def cpu_mean(self) -> float:
-        """The mean busy share of all cores over the watch."""
-        if len(self.cpu) < 2 or self.cpu[-1][2] <= self.cpu[0][2]:
+        """The mean busy share of all cores while the workload ran."""
+        cpu = self._during(self.cpu)
+        if len(cpu) < 2 or cpu[-1][2] <= cpu[0][2]:
             return 0.0
-        return (self.cpu[-1][1] - self.cpu[0][1]) / (self.cpu[-1][2] - self.cpu[0][2])
+        return (cpu[-1][1] - cpu[0][1]) / (cpu[-1][2] - cpu[0][2])
 
     def verdict(self, kernel_lateness: Quantiles, loop_lags: dict[str, Quantiles]) -> Verdict:
-        return Verdict([cpu_check(self.cpu), link_check(self.links),
+        links = {name: self._during(samples) for name, samples in self.links.items()}
+        return Verdict([cpu_check(self._during(self.cpu)), link_check(links),
                         kernel_check(kernel_lateness), loop_check(loop_lags)])

@@ -139,12 +139,18 @@ class Injector:
     def _rate(self, host: str, intf: str, rate: int) -> None:
         interface = self.fabric.plan.host(host).interface(intf)
         shares = self.fabric.plan.topology.qos if interface.prioritized else None
-        self.rates[(host, intf)] = min(rate, self.rates.get((host, intf), rate))
-        with IPRoute() as root:
-            qos.set_rate(root, interface.switch_port, rate, shares)
-        netns = f"/proc/{self.fabric.node(host).netns_pid}/ns/net"
-        with IPRoute(netns=netns, flags=0) as ipr:
-            qos.set_rate(ipr, intf, rate, shares)
+        # While the two ends change, the link is judged against the slower rate.
+        before = self.intended_rate(host, intf) or rate
+        self.rates[(host, intf)] = min(rate, before)
+        try:
+            with IPRoute() as root:
+                qos.set_rate(root, interface.switch_port, rate, shares)
+            netns = f"/proc/{self.fabric.node(host).netns_pid}/ns/net"
+            with IPRoute(netns=netns, flags=0) as ipr:
+                qos.set_rate(ipr, intf, rate, shares)
+        except BaseException:
+            self.rates[(host, intf)] = before
+            raise
         self.rates[(host, intf)] = rate
 
     def _agent(self, host: str, kind: str) -> None:

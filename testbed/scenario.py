@@ -156,6 +156,16 @@ def topology_name(path: str) -> str:
     return Path(path).stem
 
 
+def check_dilation(dilation: float, topologies: list[str], where: str) -> None:
+    """Every topology's links must still be shapeable at `dilation`: a one-line error."""
+    for topology in topologies:
+        try:
+            load_topology(REPO / topology).dilated(dilation)
+        except TestbedError as exc:
+            raise TestbedError(f"{where}: {dilation:g} does not fit {topology}: "
+                               f"{str(exc).split(': ', 1)[1]}") from None
+
+
 def load_scenario(name_or_path: str) -> Scenario:
     """A scenario by name (scenarios/NAME.yaml) or by path."""
     path = Path(name_or_path)
@@ -172,14 +182,9 @@ def load_scenario(name_or_path: str) -> Scenario:
     except ValidationError as exc:
         raise TestbedError(f"{path}: {validation_message(exc, Scenario)}") from None
     if isinstance(scenario.time_dilation, float):
-        for topology in scenario.topologies:
-            try:
-                load_topology(REPO / topology).dilated(scenario.time_dilation)
-            except ValidationError as exc:
-                raise TestbedError(f"{path}: time_dilation: {scenario.time_dilation:g} does not "
-                                   f"fit {topology}: {validation_message(exc, Scenario)}") from None
+        check_dilation(scenario.time_dilation, scenario.topologies, f"{path}: time_dilation")
     for topology in scenario.topologies if scenario.faults else ():
-        plan = build_plan(load_topology(REPO / topology))
+        plan = build_plan(load_topology(REPO / topology).buildable())
         for i, fault in enumerate(scenario.faults):
             try:
                 check_target(fault, plan, f"faults[{i}].target")

@@ -138,8 +138,17 @@ class Topology(Spec):
         return self.time_dilation
 
     def dilated(self, dilation: float | str) -> "Topology":
-        """This topology at another time dilation (validated: the rates must still fit)."""
-        return Topology.model_validate({**self.model_dump(), "time_dilation": dilation})
+        """This topology at another time dilation (validated: the rates must still fit);
+        a one-line error otherwise."""
+        try:
+            return Topology.model_validate({**self.model_dump(), "time_dilation": dilation})
+        except ValidationError as exc:
+            raise TestbedError(f"topology {self.name} at time_dilation {dilation}: "
+                               f"{validation_message(exc, Topology)}") from None
+
+    def buildable(self) -> "Topology":
+        """This topology, an 'auto' time dilation taken as 1 (for checks of its plan)."""
+        return self.dilated(1.0) if self.time_dilation == AUTO else self
 
     @property
     def nodes(self) -> int:
