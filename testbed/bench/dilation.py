@@ -10,14 +10,21 @@ TDF 8 repeats). The verdict agrees with convergence when:
     TDF from which every policy's runs are within the tolerance.
 The workload is sized so that basic's busiest SNIC is at least 80% busy (checked, printed).
 
-Prints the table and writes results/bench-dilation/<timestamp>.json and .md. About 70 to 90
-minutes on a 2-core machine.
+Prints the table and writes results/bench-dilation/<timestamp>.json and .md (and, as it
+goes, <timestamp>.partial.json). About 70 to 90 minutes on a 2-core machine.
+
+`--rejudge FILE` reads a finished bench's rows and tells, for other thresholds of kernel
+lateness, event-loop lag and CPU headroom, whether the verdict would agree with convergence:
+the evidence behind the thresholds in testbed/fidelity.py.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
+import json
 import time
+from pathlib import Path
 
 from testbed import dilation as dilations
 from testbed.bench import REPO, save
@@ -88,6 +95,33 @@ def bench_scenario(topology: str, agents: int) -> Scenario:
         "workload": {**WORKLOAD, "agents": agents}, "policies": POLICIES})
 
 
+def rejudge(rows: list[dict], kernel: float, loop: float, cpu: float) -> dict:
+    """`judge` of `rows` (already judged: distances known) with the verdict taken again
+    at these thresholds, from each run's stored figures; link pace as it was judged."""
+    def valid(row: dict) -> bool:
+        checks = {c["name"]: c for c in row["checks"]}
+        limits = {"kernel lateness": lambda v: v <= kernel, "event-loop lag": lambda v: v <= loop,
+                  "host CPU headroom": lambda v: v >= cpu}
+        return all(limits[name](c["value"]) if name in limits and c["value"] is not None
+                   else c["passed"] for name, c in checks.items())
+    far_valid = sum(1 for r in rows if not r["within"] and valid(r))
+    near_invalid = sum(1 for r in rows if r["within"] and not valid(r))
+    return {"far_but_valid": far_valid, "within_but_invalid": near_invalid,
+            "agrees": not far_valid and near_invalid <= 1}
+
+
+def print_rejudged(path: Path) -> None:
+    rows = json.loads(path.read_text())["rows"]
+    judge(rows)
+    grid = itertools.product((0.05, 0.075, 0.1, 0.15, 0.2, 0.3), (0.02, 0.05, 0.1),
+                             (0.95, 0.9, 0.8))
+    print(table(["KERNEL LATENESS <=", "LOOP LAG <=", "CPU WINDOWS >=", "FAR BUT VALID",
+                 "WITHIN BUT INVALID", "AGREES"],
+                [[f"{k:.1%}", f"{lag * 1e3:.0f} ms", f"{c:.0%}", str(j["far_but_valid"]),
+                  str(j["within_but_invalid"]), "yes" if j["agrees"] else "no"]
+                 for k, lag, c in grid for j in [rejudge(rows, k, lag, c)]]))
+
+
 def run_one(scenario: Scenario, topology: str, policy: str, tdf: float,
             horizon: float | None = None) -> dict:
     started = time.monotonic()
@@ -104,8 +138,15 @@ def main() -> None:
     parser.add_argument("--agents", type=int, default=WORKLOAD["agents"])
     parser.add_argument("--skip-auto", action="store_true",
                         help="no pilots: a quick look at the table, without auto's pick")
+    parser.add_argument("--rejudge", type=Path, metavar="FILE",
+                        help="a finished bench's JSON: agreement at other thresholds")
     args = parser.parse_args()
+    if args.rejudge:
+        print_rejudged(args.rejudge)
+        return
     started = time.strftime("%Y%m%d-%H%M%S")
+    partial = REPO / "results" / "bench-dilation" / f"{started}.partial.json"
+    partial.parent.mkdir(parents=True, exist_ok=True)
     rows, picks = [], {}
     for topology in args.topologies:
         scenario = bench_scenario(topology, args.agents)
@@ -130,6 +171,7 @@ def main() -> None:
                              "valid": result["fidelity"]["valid"],
                              "verdict": result["fidelity"]["summary"],
                              "checks": result["fidelity"]["checks"]})
+                partial.write_text(json.dumps({"rows": rows, "picks": picks}, indent=1))
     agreement = judge(rows)
     converged = {t: converged_tdf([r for r in rows if r["topology"] == t])
                  for t in {r["topology"] for r in rows}}
@@ -158,6 +200,7 @@ def main() -> None:
                                      "picks": picks,
                                      "agreement": agreement, "basic_busiest_snic": basic_busy})
     out.with_suffix(".md").write_text(f"# make bench-dilation, {started}\n\n```\n{text}\n```\n")
+    partial.unlink(missing_ok=True)
 
 
 if __name__ == "__main__":
