@@ -29,7 +29,16 @@ def test_smoke_scenario_runs_every_policy_and_writes_its_report(tmp_path):
     assert {r["path"] for r in rows if r["policy"] == "basic"} == {"pe"}
     # Warm start: from the first replayed turn on, every turn reads stored KV.
     assert all(int(r["hit_tokens"]) > 0 for r in rows)
-    assert (out / "summary.md").read_text().startswith(f"# {scenario.name}")
+    summary_md = (out / "summary.md").read_text()
+    assert summary_md.startswith(f"# {scenario.name}")
+    # Every run states its fidelity verdict, with the invariants behind it, and its TDF.
+    for s in summaries.values():
+        assert s["time_dilation"] == 1.0 and isinstance(s["valid"], bool)
+        assert s["verdict"] == "VALID" if s["valid"] else s["verdict"].startswith("INVALID: ")
+    for r in results["results"]:
+        assert {c["name"] for c in r["fidelity"]["checks"]} == {
+            "host CPU headroom", "link pace", "kernel lateness", "event-loop lag"}
+    assert "Fidelity: " in summary_md and "TDF 1 (from the topology)" in summary_md
     for figure in ("jct.png", "snic.png", "ttft_cdf.png"):
         data = (out / figure).read_bytes()
         assert data.startswith(b"\x89PNG") and len(data) > 5_000, figure
