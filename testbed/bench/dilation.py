@@ -113,8 +113,8 @@ def rejudge(rows: list[dict], kernel: float, loop: float, cpu: float) -> dict:
 def print_rejudged(path: Path) -> None:
     rows = json.loads(path.read_text())["rows"]
     judge(rows)
-    grid = itertools.product((0.05, 0.075, 0.1, 0.15, 0.2, 0.3), (0.02, 0.05, 0.1),
-                             (0.95, 0.9, 0.8))
+    grid = itertools.product((0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.3),
+                             (0.02, 0.05, 0.1), (0.95, 0.9, 0.8))
     print(table(["KERNEL LATENESS <=", "LOOP LAG <=", "CPU WINDOWS >=", "FAR BUT VALID",
                  "WITHIN BUT INVALID", "AGREES"],
                 [[f"{k:.1%}", f"{lag * 1e3:.0f} ms", f"{c:.0%}", str(j["far_but_valid"]),
