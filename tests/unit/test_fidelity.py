@@ -8,8 +8,8 @@ import random
 import pytest
 
 from agents.fidelity import Quantiles
-from testbed.fidelity import (Verdict, cpu_check, kernel_check, link_check, loop_check,
-                              pace_window, windows)
+from testbed.fidelity import (KERNEL_LATENESS_MAX, LOOP_LAG_MAX, Verdict, cpu_check,
+                              kernel_check, link_check, loop_check, pace_window, windows)
 
 RATE = 80_000_000         # bits/s: 10 MB/s, fast enough for 1 s windows
 
@@ -98,21 +98,21 @@ def test_quantiles_are_within_the_bucket_growth_of_the_truth_and_merge():
 def test_kernel_lateness_and_loop_lag_fail_above_their_thresholds():
     prompt, late = Quantiles(), Quantiles()
     for _ in range(990):
-        prompt.add(0.01)
-        late.add(0.01)
+        prompt.add(KERNEL_LATENESS_MAX / 5)
+        late.add(KERNEL_LATENESS_MAX / 5)
     for _ in range(10):
-        prompt.add(0.02)
-        late.add(0.5)
+        prompt.add(KERNEL_LATENESS_MAX / 2)
+        late.add(KERNEL_LATENESS_MAX * 10)
     assert kernel_check(prompt).passed
     assert kernel_check(Quantiles()).passed             # no kernel: nothing late
     failed = Quantiles().merge(late)
     for _ in range(10):
-        failed.add(0.5)                                  # 2% of kernels 50% late
+        failed.add(KERNEL_LATENESS_MAX * 10)             # 2% of kernels far too late
     assert not kernel_check(failed).passed
     quick, slow = Quantiles(), Quantiles()
     for _ in range(100):
-        quick.add(0.002)
-        slow.add(0.04)
+        quick.add(LOOP_LAG_MAX / 10)
+        slow.add(LOOP_LAG_MAX * 2)
     assert loop_check({"n0": quick}).passed
     check = loop_check({"n0": quick, "n0g1": slow})
     assert not check.passed and "(n0g1)" in check.figure and "1 of 2 agents over" in check.figure
