@@ -75,6 +75,10 @@ class Timeliness:
         """Probe the running event loop from now on."""
         self.watching = asyncio.create_task(self.watch_loop())
 
+    def stop(self) -> None:
+        if self.watching:
+            self.watching.cancel()
+
     async def watch_loop(self) -> None:
         """Sleep LOOP_LAG_PERIOD at a time; how much later than asked the loop woke is its
         lag: the time every other callback of this agent waited too."""

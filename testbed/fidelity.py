@@ -33,7 +33,6 @@ from dataclasses import asdict, dataclass, field
 
 from agents.fidelity import Quantiles
 from testbed.cpuwatch import cpu_times
-from testbed.plan import ClusterPlan
 from testbed.qos import GSO_MAX, ROOT
 from testbed.rtnl import RtnlSocket
 from testbed.state import FabricRecord
@@ -178,9 +177,8 @@ class FidelityWatch:
     `with` block runs. `intended(host, nic)` is a link's rate as the testbed means it now
     (bits/s; None while it is down): the plan's unless a fault changed it."""
 
-    def __init__(self, record: FabricRecord, plan: ClusterPlan,
-                 intended: Callable[[str, str], int | None] | None = None):
-        self.intended = intended or (lambda host, nic: plan.host(host).interface(nic).rate)
+    def __init__(self, record: FabricRecord, intended: Callable[[str, str], int | None]):
+        self.intended = intended
         self.sockets = {"": RtnlSocket()}
         self.ends: list[LinkEnd] = []
         ports = self.sockets[""].indexes()

@@ -112,8 +112,8 @@ class Injector:
             except Exception as exc:      # a fault not carried out is logged as such, and
                 error = str(exc) or type(exc).__name__   # the run's other faults go on
             now = time.time()
-            event = {"t": round(clock.time() - self.started, 2), "wall": now, "fault": fault.describe(),
-                     "action": what, "source": source, "error": error}
+            event = {"t": round(clock.time() - self.started, 2), "wall": now,
+                     "fault": fault.describe(), "action": what, "source": source, "error": error}
             self.events.append(event)
         print(f"  fault at {event['t']:7.1f} s: {what}" + (f" FAILED: {error}" if error else ""),
               flush=True)

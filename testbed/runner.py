@@ -365,7 +365,7 @@ async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
     await asyncio.gather(injecting, return_exceptions=True)
     watch.workload_ends()
     reported = await collect_timeliness(plan, reset=False)
-    client_timeliness.watching.cancel()
+    client_timeliness.stop()
     ending = time.time()
     if horizon is not None:             # a pilot: the turns still running are cut short
         for task in tasks:
@@ -416,7 +416,7 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
         record = FabricRecord.read()
         before = counters.snapshot(record)
         client = ClientView(cluster.exporter.client, policy, topology.scale)
-        with FidelityWatch(record, fabric.plan, cluster.injector.intended_rate) as watch:
+        with FidelityWatch(record, cluster.injector.intended_rate) as watch:
             result = asyncio.run(run_workload(fabric.plan, scenario, policy, workload,
                                               client, cluster, watch, horizon))
         moved = counters.delta(before, counters.snapshot(record))
