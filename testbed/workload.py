@@ -14,7 +14,7 @@ those figures (or fitted to them), and cuts each trajectory at MaxLen, as the pa
 (digest §8.4). Randomness comes from `random.Random` with explicit seeds: a trajectory depends
 only on (dataset, seed, index), so a longer list starts with the shorter one.
 
-"digest" = /work/shared/docs/dualpath-paper.md.
+"digest" = the project's digest of the DualPath paper (arXiv 2602.21548), by its sections.
 """
 
 from __future__ import annotations

@@ -1,6 +1,6 @@
 """testbed.profile: shipped model profiles load, match the paper, and bad files fail in one line.
 
-Paper figures come from /work/shared/docs/dualpath-paper.md ("digest"): §3.5 (KV sizes and
+Paper figures come from the digest of the DualPath paper ("digest"): §3.5 (KV sizes and
 Table 1 reproduction), §6.3 (f(C) and the cache-compute ratio), §7 (models), §8 (results),
 §9 (workloads).
 """

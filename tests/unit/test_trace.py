@@ -2,7 +2,7 @@
 line fails in one line naming the file, line, field, value and what was expected.
 
 The shipped excerpt (tests/data/mooncake_excerpt.jsonl) is the first 200 lines of the Mooncake
-synthetic trace; /work/shared/traces/README.md gives the full trace's figures.
+synthetic trace; traces/README.md gives the full trace's figures.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ from testbed import errors
 from testbed.trace import BLOCK_TOKENS, TraceRequest, load_trace, trace_stats
 
 EXCERPT = Path(__file__).parents[1] / "data" / "mooncake_excerpt.jsonl"
-FULL_TRACE = Path("/work/shared/traces/mooncake_synthetic_trace.jsonl")
+FULL_TRACE = Path(__file__).parents[2] / "traces" / "mooncake_synthetic_trace.jsonl"
 
 
 def write_trace(tmp_path: Path, *rows: dict | str) -> Path:
@@ -137,7 +137,7 @@ def test_the_excerpts_stats_are_consistent() -> None:
 
 
 @pytest.mark.skipif(not FULL_TRACE.is_file(),
-                    reason=f"{FULL_TRACE} is absent: the shared Mooncake trace is not mounted")
+                    reason=f"{FULL_TRACE} is absent: the repository ships it")
 def test_the_full_trace_matches_its_readme() -> None:
     """README: 3,993 requests, about 64% of the 121,877 blocks are prefix hits, average input
     15,325 tokens, average output 149."""

@@ -1,7 +1,7 @@
 """testbed.workload: synthetic trajectories match the paper's datasets, copies are distinct,
 arrivals are Poisson, and bad input fails in one line.
 
-Paper figures come from /work/shared/docs/dualpath-paper.md ("digest") §9 (Table 2 and the
+Paper figures come from the project's digest of the DualPath paper ("digest") §9 (Table 2 and the
 motivation trace); workloads/datasets.yaml holds them with their sources.
 """
 
