@@ -62,9 +62,10 @@ class Quantiles:
 
 
 class Timeliness:
-    """An agent's two measures: event-loop lag (emulated seconds, one value per probe) and
-    kernel lateness (a share of each kernel's own time, before any make-up, weighted by that
-    time: a microsecond kernel a millisecond late weighs as little as it lasts)."""
+    """An agent's two measures, each weighted by the time it covers, so that one long stall
+    counts for all of its duration rather than as one sample among many: event-loop lag
+    (emulated seconds, each probe weighted by the time it slept) and kernel lateness (a share
+    of each kernel's own time, before any make-up, weighted by the time the kernel took)."""
 
     def __init__(self):
         self.loop_lag = Quantiles()
@@ -85,8 +86,9 @@ class Timeliness:
         while True:
             started = time.monotonic()
             await asyncio.sleep(LOOP_LAG_PERIOD)
-            late = time.monotonic() - started - LOOP_LAG_PERIOD
-            self.loop_lag.add(clock.emulated(max(0.0, late)))
+            slept = time.monotonic() - started
+            late = clock.emulated(max(0.0, slept - LOOP_LAG_PERIOD))
+            self.loop_lag.add(late, weight=clock.emulated(slept))
 
     def report(self, reset: bool) -> dict:
         reply = {"loop_lag": self.loop_lag.to_json(),

@@ -45,7 +45,7 @@ class Gpu:
             await clock.sleep(seconds - made_up)
             overshoot = clock.emulated(time.monotonic() - started) - (seconds - made_up)
             if seconds > 0:
-                beyond_timer = overshoot - clock.emulated(TIMER_GRANULARITY)
-                self.lateness.add(max(0.0, beyond_timer) / seconds, weight=seconds)
+                beyond_timer = max(0.0, overshoot - clock.emulated(TIMER_GRANULARITY))
+                self.lateness.add(beyond_timer / seconds, weight=seconds + beyond_timer)
             self.late = min(MAX_MADE_UP_SECONDS, self.late - made_up + max(0.0, overshoot))
             self.busy += seconds

@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+from agents.clock import clock
 from agents.control import call
 from testbed.annotations import Annotator
 from testbed.errors import TestbedError
@@ -141,6 +142,7 @@ class RunningCluster:
 
     def __init__(self, topology: Topology, agents: bool = True, topology_path: str = "",
                  scenario: str = "", policy: str = "", annotator: Annotator | None = None):
+        clock.set_dilation(topology.dilation)   # the client's timeouts, the faults' times
         self.fabric = Fabric(build_plan(topology), topology_path)
         self.agents = AgentSet(self.fabric) if agents else None
         self.labels = {"scenario": scenario or topology.name, "policy": policy}

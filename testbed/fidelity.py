@@ -14,10 +14,12 @@ sampled at SAMPLE_HZ while the workload runs:
   kernel lateness     the 99th percentile of how late an emulated GPU kernel ends, before
                       any make-up (agents/gpu.py), as a share of the kernel's time, is at
                       most KERNEL_LATENESS_MAX; the percentile is of GPU time (each kernel
-                      weighs its time), so 99% of the GPU's time ran in kernels that late
-                      at most
+                      weighs the time it took, lateness included), so 99% of the GPU's time
+                      ran in kernels that late at most
   event-loop lag      every agent's (and the client's) 99th-percentile event-loop lag is at
-                      most LOOP_LAG_MAX emulated seconds
+                      most LOOP_LAG_MAX emulated seconds, over time (each probe weighs the
+                      time it slept, so a long stall counts for its whole length); an agent
+                      that does not report its loop fails it, unless a fault stopped it
 
 A run is VALID when every invariant holds, else INVALID naming each failed one with its
 figure. Windows are wall seconds, where the host's limits live; lag is in emulated seconds.
@@ -26,6 +28,7 @@ The thresholds, and the runs that set them, are in the README ("Virtual time").
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections.abc import Callable
@@ -120,21 +123,20 @@ def cpu_check(samples: list[tuple[float, int, int]]) -> Check:
 
 def link_check(series: dict[str, list[tuple[float, int, int, int | None]]]) -> Check:
     """series: per link end, (time, bytes sent, bytes queued, intended rate in bits/s or None
-    while it is meant to be down). Judged: the windows backlogged at every sample, at one
-    intended rate throughout."""
+    while it is meant to be down). Judged: the windows backlogged at every sample, each
+    within a stretch at one intended rate, and sized for that rate."""
     judged, slow = 0, []
     for name, samples in series.items():
-        planned = next((s[3] for s in samples if s[3]), None)
-        if not planned:
-            continue
-        for w in windows(samples, pace_window(planned)):
-            rates = {s[3] for s in w}
-            if len(rates) != 1 or None in rates or any(s[2] == 0 for s in w):
+        for rate, stretch in itertools.groupby(samples, key=lambda s: s[3]):
+            if rate is None:
                 continue
-            judged += 1
-            rate, seconds, sent = rates.pop(), w[-1][0] - w[0][0], w[-1][1] - w[0][1]
-            if sent + GSO_MAX < LINK_PACE_MIN * rate / 8 * seconds:
-                slow.append((8 * sent / seconds / rate, name))
+            for w in windows(list(stretch), pace_window(rate)):
+                if any(s[2] == 0 for s in w):
+                    continue
+                judged += 1
+                seconds, sent = w[-1][0] - w[0][0], w[-1][1] - w[0][1]
+                if sent + GSO_MAX < LINK_PACE_MIN * rate / 8 * seconds:
+                    slow.append((8 * sent / seconds / rate, name))
     if not judged:
         return Check("link pace", True, "no link was backlogged for a whole window")
     if not slow:
@@ -160,7 +162,11 @@ def kernel_check(lateness: Quantiles) -> Check:
                  f"(needs <= {KERNEL_LATENESS_MAX:.0%})", p99)
 
 
-def loop_check(lags: dict[str, Quantiles]) -> Check:
+def loop_check(lags: dict[str, Quantiles], silent: list[str]) -> Check:
+    """`silent`: agents that did not answer for their loop, the most overloaded ones perhaps."""
+    if silent:
+        return Check("event-loop lag", False,
+                     f"no report from {len(silent)} agent(s): {', '.join(silent)}")
     measured = {agent: q.quantile(QUANTILE) for agent, q in lags.items() if q.count}
     if not measured:
         return Check("event-loop lag", False, "no agent reported its event loop")
@@ -264,7 +270,9 @@ class FidelityWatch:
             return 0.0
         return (cpu[-1][1] - cpu[0][1]) / (cpu[-1][2] - cpu[0][2])
 
-    def verdict(self, kernel_lateness: Quantiles, loop_lags: dict[str, Quantiles]) -> Verdict:
+    def verdict(self, kernel_lateness: Quantiles, loop_lags: dict[str, Quantiles],
+                silent: list[str]) -> Verdict:
+        """`silent`: the agents that did not report their measures (and no fault stopped)."""
         links = {name: self._during(samples) for name, samples in self.links.items()}
         return Verdict([cpu_check(self._during(self.cpu)), link_check(links),
-                        kernel_check(kernel_lateness), loop_check(loop_lags)])
+                        kernel_check(kernel_lateness), loop_check(loop_lags, silent)])

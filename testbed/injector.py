@@ -52,6 +52,8 @@ class Injector:
         # changed and links taken down, by (host, interface).
         self.rates: dict[tuple[str, str], int] = {}
         self.down: set[tuple[str, str]] = set()
+        # Hosts whose agent a fault killed or restarted: their fidelity measures are lost.
+        self.stopped: set[str] = set()
 
     def intended_rate(self, host: str, intf: str) -> int | None:
         """A link's rate as the testbed means it now (bits/s), or None while it is down."""
@@ -156,6 +158,7 @@ class Injector:
     def _agent(self, host: str, kind: str) -> None:
         if self.agents is None:
             raise TestbedError("this fabric runs no agents (started with --no-agents)")
+        self.stopped.add(host)
         if kind == "kill":
             if not self.agents.kill(host):
                 raise TestbedError(f"the agent on {host} was not running")

@@ -297,7 +297,7 @@ async def inject(faults: list[FaultSpec], injector: Injector, outcome: Outcome,
 
 async def collect_timeliness(plan: ClusterPlan, reset: bool) -> dict[str, dict]:
     """Every agent's event-loop lag and kernel lateness since its last reset (`reset`: start
-    anew); an agent that does not answer (killed by a fault) is left out."""
+    anew); an agent that does not answer is left out (the verdict names it)."""
     hosts = plan.hosts
     replies = await asyncio.gather(*(acall(h.address("mgmt"), "fidelity", timeout=10,
                                            reset=reset) for h in hosts), return_exceptions=True)
@@ -376,6 +376,8 @@ async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
             task.result()      # a bug in the client itself, not a request's failure
     lags = {host: Quantiles.from_json(reply["loop_lag"])
             for host, reply in reported.items()}
+    silent = sorted(h.name for h in plan.hosts
+                    if h.name not in reported and h.name not in cluster.injector.stopped)
     lags["client"] = client_timeliness.loop_lag
     lateness = Quantiles()
     for reply in reported.values():
@@ -387,7 +389,7 @@ async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
     return {"policy": policy, "jct": jct, "records": records, "failures": outcome.failures,
             "issued": len(turns), "faults": list(cluster.injector.events),
             "snic_timeline": timeline, "wall": [began, ending],
-            "kernel_lateness": lateness, "loop_lags": lags}
+            "kernel_lateness": lateness, "loop_lags": lags, "silent": silent}
 
 
 def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float | None,
@@ -400,7 +402,6 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
     if dilation is not None:
         topology = topology.dilated(dilation)
     dilation = topology.dilation
-    clock.set_dilation(dilation)
     workload = replays(scenario.workload, aps)
     rate = "" if aps is None else f" at {aps:g} APS"
     tdf = f", TDF {dilation:g}" if dilation != 1 else ""
@@ -420,7 +421,8 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
             result = asyncio.run(run_workload(fabric.plan, scenario, policy, workload,
                                               client, cluster, watch, horizon))
         moved = counters.delta(before, counters.snapshot(record))
-    verdict = watch.verdict(result.pop("kernel_lateness"), result.pop("loop_lags"))
+    verdict = watch.verdict(result.pop("kernel_lateness"), result.pop("loop_lags"),
+                            result.pop("silent"))
     print(f"  {policy}: {verdict.summary()}", flush=True)
     snic = {n.name: moved.get((n.name, "snic", "rx"), 0) * topology.scale
             for n in fabric.plan.of_kind("node")}

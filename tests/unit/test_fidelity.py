@@ -3,11 +3,14 @@ passing and failing, the percentiles the agents report, and the verdict's one li
 
 from __future__ import annotations
 
+import asyncio
 import random
+import time
 
 import pytest
 
-from agents.fidelity import Quantiles
+from agents.fidelity import Quantiles, Timeliness
+from agents.gpu import Gpu
 from testbed.fidelity import (KERNEL_LATENESS_MAX, LOOP_LAG_MAX, Verdict, cpu_check,
                               kernel_check, link_check, loop_check, pace_window, windows)
 
@@ -65,6 +68,17 @@ def test_a_link_with_an_empty_queue_a_fault_or_a_rate_change_is_not_judged():
     assert check.passed and "all 4 backlogged" in check.figure
 
 
+def test_a_link_slowed_by_a_fault_is_judged_at_its_new_rate_over_windows_sized_for_it():
+    """After a rate fault to 1% (800 kbit/s), a link sending half of that is slow. In 1 s
+    windows the one segment of slack would hide it; windows sized for the rate in force
+    (13 s) do not."""
+    fast = link_samples(2, 1.0)
+    slowed = [(2 + t, fast[-1][1] + round(t * 0.005 * RATE / 8), 5000, RATE // 100)
+              for t in (i / 10 for i in range(1, 301))]
+    check = link_check({"n0:snic rx": fast + slowed})
+    assert not check.passed and "at 50%" in check.figure
+
+
 def test_at_a_slow_rate_windows_lengthen_and_one_segment_in_flight_is_not_slowness():
     """At 3 Mbit/s a second holds six 64 KiB segments: a window of whole segments may end
     just before one leaves. Windows then span 20 segments, and one segment short passes."""
@@ -113,10 +127,50 @@ def test_kernel_lateness_and_loop_lag_fail_above_their_thresholds():
     for _ in range(100):
         quick.add(LOOP_LAG_MAX / 10)
         slow.add(LOOP_LAG_MAX * 2)
-    assert loop_check({"n0": quick}).passed
-    check = loop_check({"n0": quick, "n0g1": slow})
+    assert loop_check({"n0": quick}, []).passed
+    check = loop_check({"n0": quick, "n0g1": slow}, [])
     assert not check.passed and "(n0g1)" in check.figure and "1 of 2 agents over" in check.figure
-    assert not loop_check({}).passed                    # no agent answered: no evidence
+    assert not loop_check({}, []).passed                # no agent answered: no evidence
+
+
+def test_an_agent_that_does_not_report_fails_the_loop_check_by_name():
+    """The most overloaded agent may be the one that cannot answer in time."""
+    quick = Quantiles()
+    quick.add(LOOP_LAG_MAX / 10)
+    check = loop_check({"n0": quick}, ["n1g0"])
+    assert not check.passed and check.figure == "no report from 1 agent(s): n1g0"
+
+
+def test_a_stall_counts_for_its_whole_length_in_the_loop_lag():
+    """One 0.6 s stall among 0.1 s probes is one late probe in a dozen, but half the time:
+    weighted by the time each probe slept, the p99 is the stall."""
+    async def stalled() -> Timeliness:
+        timeliness = Timeliness()
+        timeliness.start()
+        await asyncio.sleep(0.35)
+        time.sleep(0.6)                      # the loop blocked, as by a CPU-starved agent
+        await asyncio.sleep(0.35)
+        timeliness.stop()
+        return timeliness
+    lag = asyncio.run(stalled()).loop_lag
+    assert lag.quantile(0.99) > 0.3
+    assert not loop_check({"n0": lag}, []).passed
+
+
+def test_a_late_kernel_weighs_the_time_it_took():
+    """A hundred 2 ms kernels on time and one 2 ms kernel 0.3 s late: by count it is 1%, by
+    GPU time most of it, and the p99 is its lateness."""
+    async def kernels() -> Quantiles:
+        gpu = Gpu()
+        for _ in range(100):
+            await gpu.run(0.002)
+        stall = asyncio.get_running_loop().call_later(0.001, time.sleep, 0.3)
+        await gpu.run(0.002)
+        stall.cancel()
+        return gpu.lateness
+    lateness = asyncio.run(kernels())
+    assert lateness.quantile(0.99) > 50          # 0.3 s late on a 2 ms kernel: 150 times
+    assert not kernel_check(lateness).passed
 
 
 def test_the_verdict_names_each_failed_invariant_with_its_figure():
