@@ -2,9 +2,10 @@
 
 The TDF comes from the command line (`--time-dilation`), else the scenario, else the
 topology file, else 1. `auto` picks one TDF per topology, for all of its policies, so that a
-speedup never divides JCTs taken at different TDFs: the smallest of CANDIDATES at which a
-pilot of every policy that moves KV (the first PILOT_SECONDS emulated seconds of the
-scenario's heaviest load) gets a VALID fidelity verdict. Oracle, which moves no KV, costs
+speedup never divides JCTs taken at different TDFs: the smallest of AUTO_CANDIDATES (of
+those at which the topology's link rates fit) at which a pilot of every policy that moves KV
+(the first PILOT_SECONDS emulated seconds of the scenario's heaviest load) gets a VALID
+fidelity verdict. Oracle, which moves no KV, costs
 the host least, so it is piloted only when it is all the scenario runs.
 """
 
@@ -15,7 +16,6 @@ from collections.abc import Callable
 from testbed.errors import TestbedError
 from testbed.topology import AUTO, DILATION_EXPECTED, load_topology, parse_dilation
 
-CANDIDATES = (1.0, 2.0, 4.0, 8.0, 16.0)
 PILOT_SECONDS = 20.0
 
 # pilot(policy, tdf) -> the run's result, with its "fidelity" verdict
@@ -52,13 +52,8 @@ def pick(topology_path, policies: list[str], pilot: Pilot) -> tuple[float, str]:
     none is, the largest that the topology's rates allow, said so."""
     topology = load_topology(topology_path)
     tried: list[str] = []
-    usable = []
-    for tdf in CANDIDATES:
-        try:
-            topology.dilated(tdf)
-        except TestbedError:       # a rate the host cannot shape at this TDF
-            continue
-        usable.append(tdf)
+    usable = topology.fitting_dilations()      # loading refused a topology with none
+    for tdf in usable:
         failed = None
         for policy in pilot_policies(policies):
             verdict = pilot(policy, tdf)["fidelity"]
@@ -69,8 +64,6 @@ def pick(topology_path, policies: list[str], pilot: Pilot) -> tuple[float, str]:
             why = "; ".join(tried + [f"TDF {tdf:g} VALID"])
             return tdf, f"auto: TDF {tdf:g} for {topology.name} ({why})"
         tried.append(f"TDF {tdf:g} {failed}")
-    if not usable:
-        raise TestbedError(f"{topology_path}: no time dilation fits its link rates")
     return usable[-1], (f"auto: TDF {usable[-1]:g} for {topology.name}, the largest its rates "
                         f"allow, though no pilot was VALID ({'; '.join(tried)})")
 

@@ -24,6 +24,8 @@ from testbed.rates import format_rate, parse_rate
 Rate = Annotated[int, BeforeValidator(parse_rate), PlainSerializer(lambda bits: f"{bits}bit")]
 AUTO = "auto"
 DILATION_EXPECTED = "a number >= 1 (1: real time) or 'auto'"
+# The TDFs `auto` tries, smallest first (testbed/dilation.py).
+AUTO_CANDIDATES = (1.0, 2.0, 4.0, 8.0, 16.0)
 
 
 def parse_dilation(value: object) -> float | str:
@@ -35,7 +37,10 @@ def parse_dilation(value: object) -> float | str:
         raise ValueError(f"expected {DILATION_EXPECTED}")
     if not value >= MIN_DILATION or value == float("inf"):
         raise ValueError(f"expected {DILATION_EXPECTED}")
-    return float(value)
+    try:
+        return float(value)
+    except OverflowError:          # an integer beyond any float
+        raise ValueError(f"expected {DILATION_EXPECTED}") from None
 
 
 Dilation = Annotated[float | str, BeforeValidator(parse_dilation)]
@@ -111,19 +116,35 @@ class Topology(Spec):
             raise ValueError(f"prefill_nodes + decode_nodes: got {self.prefill_nodes} + "
                              f"{self.decode_nodes} = {self.nodes}, expected at most "
                              f"{MAX_NODES} nodes in all")
+        if self.time_dilation != AUTO:
+            error = self.rate_error(self.time_dilation)
+        elif self.fitting_dilations():
+            error = None
+        else:          # auto, and not one candidate fits: the smallest's error, and the range
+            candidates = ", ".join(f"{tdf:g}" for tdf in AUTO_CANDIDATES)
+            error = (f"{self.rate_error(AUTO_CANDIDATES[0])} (time_dilation auto: no TDF of "
+                     f"{candidates} fits)")
+        if error:
+            raise ValueError(error)
+        return self
+
+    def rate_error(self, dilation: float) -> str | None:
+        """Why a link's shaped rate at `dilation` is beyond what the machine shapes, or None."""
         rates = {f"links.{nic}": getattr(self.links, nic) for nic in ("cnic", "snic", "pcie")}
         rates["storage.link"] = self.storage.link
-        dilation = 1.0 if self.time_dilation == AUTO else self.time_dilation
         for field, real in rates.items():
             scaled = real / self.scale / dilation
             if not MIN_SCALED_RATE <= scaled <= MAX_SCALED_RATE:
                 by = f" / time_dilation {dilation:g}" if dilation != 1 else ""
-                raise ValueError(
-                    f"{field}: scaled rate {format_rate(scaled)} ({format_rate(real)} / scale "
-                    f"{self.scale:g}{by}) is out of range, expected "
-                    f"{format_rate(MIN_SCALED_RATE)} to {format_rate(MAX_SCALED_RATE)}; change "
-                    f"the rate, the scale or the time dilation")
-        return self
+                return (f"{field}: scaled rate {format_rate(scaled)} ({format_rate(real)} / "
+                        f"scale {self.scale:g}{by}) is out of range, expected "
+                        f"{format_rate(MIN_SCALED_RATE)} to {format_rate(MAX_SCALED_RATE)}; "
+                        f"change the rate, the scale or the time dilation")
+        return None
+
+    def fitting_dilations(self) -> list[float]:
+        """The TDFs `auto` may pick: its candidates at which every link rate fits."""
+        return [tdf for tdf in AUTO_CANDIDATES if self.rate_error(tdf) is None]
 
     def scaled(self, real_bits_per_second: int) -> int:
         """The rate a link is shaped to: the real rate / scale / the time dilation."""
@@ -147,8 +168,9 @@ class Topology(Spec):
                                f"{validation_message(exc, Topology)}") from None
 
     def buildable(self) -> "Topology":
-        """This topology, an 'auto' time dilation taken as 1 (for checks of its plan)."""
-        return self.dilated(1.0) if self.time_dilation == AUTO else self
+        """This topology, an 'auto' time dilation taken as the smallest that fits (for checks
+        of its plan)."""
+        return self.dilated(self.fitting_dilations()[0]) if self.time_dilation == AUTO else self
 
     @property
     def nodes(self) -> int:

@@ -9,6 +9,7 @@ TDF 8 repeats). The verdict agrees with convergence when:
   - `auto` (testbed/dilation.py, its pilots run here too) picks, per topology, the smallest
     TDF from which every policy's runs are within the tolerance.
 The workload is sized so that basic's busiest SNIC is at least 80% busy (checked, printed).
+The bench exits 1 when any of these fails, after writing its results.
 
 Prints the table and writes results/bench-dilation/<timestamp>.json and .md (and, as it
 goes, <timestamp>.partial.json). About 70 to 90 minutes on a 2-core machine.
@@ -203,6 +204,9 @@ def main() -> None:
                                      "agreement": agreement, "basic_busiest_snic": basic_busy})
     out.with_suffix(".md").write_text(f"# make bench-dilation, {started}\n\n```\n{text}\n```\n")
     partial.unlink(missing_ok=True)
+    if not (agreement["agrees"] and all(p["agrees"] for p in picks.values())
+            and basic_busy >= SNIC_BUSY_MIN):
+        raise SystemExit(1)        # the table above says which requirement failed
 
 
 if __name__ == "__main__":

@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -118,7 +119,7 @@ faults: [{kind: link-flap, target: "n0:snic", at: 1, duration: 30}]
 """
 
 
-def start_scenario(tmp_path, wait_for: str) -> tuple[subprocess.Popen, "Path"]:
+def start_scenario(tmp_path, wait_for: str) -> tuple[subprocess.Popen, Path]:
     """A scenario run in the background, once its output shows `wait_for`."""
     scenario = tmp_path / "long.yaml"
     scenario.write_text(SCENARIO)

@@ -84,6 +84,37 @@ def test_a_dilation_that_takes_a_link_below_what_htb_shapes_is_refused():
         load_topology(TOPOLOGY, time_dilation=64)
 
 
+def test_an_integer_beyond_any_float_is_one_line_too(tmp_path):
+    data = yaml.safe_load(TOPOLOGY.read_text())
+    data["time_dilation"] = 10**400
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(errors.TestbedError) as error:
+        load_topology(path)
+    assert "\n" not in str(error.value)
+    assert "time_dilation: got 1000" in str(error.value)
+    assert str(error.value).endswith("expected a number >= 1 (1: real time) or 'auto'")
+
+
+def test_auto_accepts_a_topology_whose_rates_fit_only_at_a_larger_tdf(tmp_path):
+    """At scale 20 the 800 Gbit/s PCIe link is 40 Gbit/s, beyond what a veth keeps up with:
+    refused at TDF 1, but `auto` may run it from TDF 4 on, and its plan is checked there."""
+    data = yaml.safe_load(TOPOLOGY.read_text())
+    data.update(scale=20, time_dilation="auto")
+    path = tmp_path / "t.yaml"
+    path.write_text(yaml.safe_dump(data))
+    topology = load_topology(path)
+    assert topology.fitting_dilations() == [4.0, 8.0, 16.0]
+    assert topology.buildable().dilation == 4
+    with pytest.raises(errors.TestbedError, match=r"links\.cnic: scaled rate .* out of range"):
+        load_topology(path, time_dilation=1)
+    data.update(scale=1)                          # too fast at every TDF auto tries
+    path.write_text(yaml.safe_dump(data))
+    with pytest.raises(errors.TestbedError,
+                       match=r"time_dilation auto: no TDF of 1, 2, 4, 8, 16 fits"):
+        load_topology(path)
+
+
 def test_an_auto_topology_cannot_be_built_until_resolved():
     topology = load_topology(TOPOLOGY, time_dilation="auto")
     with pytest.raises(errors.TestbedError, match="time_dilation is 'auto', expected it resolved"):
