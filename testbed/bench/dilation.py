@@ -2,8 +2,10 @@
 
 Basic, DualPath and oracle on 1P2D-g2 and 2P2D-g2, one offline workload, at TDF 1, 2, 4 and
 8, TDF 8 three times, and once at TDF 16, the reference. A run's distance is how far its
-emulated JCT lies from the reference's; the tolerance is max(3%, twice the spread of the
-TDF 8 repeats). The verdict agrees with convergence when:
+emulated JCT, the mean over agents of each one's finish less its arrival, lies from the
+reference's; the tolerance is max(3%, twice the spread of the TDF 8 repeats). The batch's
+completion (the offline JCT the scenarios report) is shown beside it but not judged: it is
+one agent's finish, and its TDF 8 repeats spread by 14-27% here. The verdict agrees with convergence when:
   - every run further from the reference than the tolerance is INVALID;
   - at most one run within the tolerance is INVALID;
   - `auto` (testbed/dilation.py, its pilots run here too) picks, per topology, the smallest
@@ -116,8 +118,8 @@ def rejudge(rows: list[dict], kernel: float, loop: float, cpu: float) -> dict:
 def print_rejudged(path: Path) -> None:
     rows = json.loads(path.read_text())["rows"]
     judge(rows)
-    grid = itertools.product((0.05, 0.075, 0.1, 0.125, 0.15, 0.175, 0.2, 0.3),
-                             (0.02, 0.05, 0.1), (0.95, 0.9, 0.8))
+    grid = itertools.product((0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
+                             (0.02, 0.05, 0.1, 0.2), (0.95, 0.9, 0.8))
     print(table(["KERNEL LATENESS <=", "LOOP LAG <=", "CPU WINDOWS >=", "FAR BUT VALID",
                  "WITHIN BUT INVALID", "AGREES"],
                 [[f"{k:.1%}", f"{lag * 1e3:.0f} ms", f"{c:.0%}", str(j["far_but_valid"]),
@@ -168,7 +170,8 @@ def main() -> None:
                 result = run_one(scenario, topology, policy, tdf)
                 summary = summarize(result, scenario.workload)
                 rows.append({"topology": result["topology"], "policy": policy, "tdf": tdf,
-                             "repeat": repeat, "jct": result["jct"],
+                             "repeat": repeat, "jct": result["mean_jct"],
+                             "makespan": result["jct"],
                              "wall_seconds": result["wall_seconds"],
                              "busiest_snic": busiest_snic(result), "failed": summary["failed"],
                              "valid": result["fidelity"]["valid"],
@@ -184,10 +187,11 @@ def main() -> None:
         pick["agrees"] = pick["tdf"] == converged.get(name)
     basic_busy = min((r["busiest_snic"] for r in rows if r["policy"] == "basic"), default=0)
 
-    text = table(["TOPOLOGY", "POLICY", "TDF", "#", "JCT", "WALL", "DISTANCE", "TOLERANCE",
-                  "BUSIEST SNIC", "VERDICT"],
+    text = table(["TOPOLOGY", "POLICY", "TDF", "#", "MEAN JCT", "MAKESPAN", "WALL", "DISTANCE",
+                  "TOLERANCE", "BUSIEST SNIC", "VERDICT"],
                  [[r["topology"], r["policy"], f"{r['tdf']:g}", str(r["repeat"]),
-                   f"{r['jct']:.2f} s", f"{r['wall_seconds']:.0f} s", f"{r['distance']:.1%}",
+                   f"{r['jct']:.2f} s", f"{r['makespan']:.2f} s", f"{r['wall_seconds']:.0f} s",
+                   f"{r['distance']:.1%}",
                    f"{r['tolerance']:.1%}", f"{r['busiest_snic']:.0%}", r["verdict"]]
                   for r in rows])
     text += (f"\n\nverdict against convergence: {agreement['far_but_valid']} runs outside the "
