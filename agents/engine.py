@@ -17,6 +17,7 @@ Oracle mode skips every KV transfer, keeping only compute and all-to-all.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections import deque
 
 from agents.clock import clock
@@ -43,6 +44,12 @@ PREFETCH_SECONDS = 2 * PREFILL_QUOTA_SECONDS
 # ...and at most this share of a node's DRAM buffer per prefill GPU, so the loads queued ahead
 # never leave a node without room for the pushes of the batch running now.
 PREFETCH_DRAM_SHARE = 0.5
+
+# Each request names its model. Reading and validating a profile takes milliseconds, which a
+# burst of a hundred requests would spend with the event loop blocked: read each one once
+# (profiles are frozen).
+profile_of = functools.lru_cache(maxsize=None)(load_profile)
+
 PERSIST_TOKENS = 64          # decode persists a block every 64 generated tokens (paper §3.3)
 
 
@@ -346,7 +353,7 @@ class EngineAgent(Agent):
         """m: request, model, prompt (blocks), generate (tokens), generated_block_base
         (first block id for persisted blocks), oracle. Returns once the request's last token
         is generated; every step runs the whole batch of this engine's decoding requests."""
-        request, profile = int(m["request"]), load_profile(m["model"])
+        request, profile = int(m["request"]), profile_of(m["model"])
         geometry = self.geometry(profile)
         prompt, generate = parse_blocks(m["prompt"]), int(m["generate"])
         oracle = bool(m.get("oracle"))
@@ -484,7 +491,7 @@ class PrefillRun:
 
     def __init__(self, engine: EngineAgent, m: dict):
         self.engine = engine
-        self.request, self.profile = int(m["request"]), load_profile(m["model"])
+        self.request, self.profile = int(m["request"]), profile_of(m["model"])
         self.geometry = engine.geometry(self.profile)
         self.hit, self.miss = parse_blocks(m["hit"]), parse_blocks(m["miss"])
         context, append = sum(t for _, t in self.hit), sum(t for _, t in self.miss)
