@@ -100,30 +100,50 @@ def bench_scenario(topology: str, agents: int) -> Scenario:
         "workload": {**WORKLOAD, "agents": agents}, "policies": POLICIES})
 
 
+def passes(checks: list[dict], kernel: float, loop: float, cpu: float) -> bool:
+    """A run's stored checks judged again at these thresholds; link pace as it was."""
+    limits = {"kernel lateness": lambda v: v <= kernel, "event-loop lag": lambda v: v <= loop,
+              "host CPU headroom": lambda v: v >= cpu}
+    return all(limits[c["name"]](c["value"]) if c["name"] in limits and c["value"] is not None
+               else c["passed"] for c in checks)
+
+
 def rejudge(rows: list[dict], kernel: float, loop: float, cpu: float) -> dict:
     """`judge` of `rows` (already judged: distances known) with the verdict taken again
-    at these thresholds, from each run's stored figures; link pace as it was judged."""
-    def valid(row: dict) -> bool:
-        checks = {c["name"]: c for c in row["checks"]}
-        limits = {"kernel lateness": lambda v: v <= kernel, "event-loop lag": lambda v: v <= loop,
-                  "host CPU headroom": lambda v: v >= cpu}
-        return all(limits[name](c["value"]) if name in limits and c["value"] is not None
-                   else c["passed"] for name, c in checks.items())
-    far_valid = sum(1 for r in rows if not r["within"] and valid(r))
-    near_invalid = sum(1 for r in rows if r["within"] and not valid(r))
+    at these thresholds."""
+    far_valid = sum(1 for r in rows if not r["within"] and passes(r["checks"], kernel, loop, cpu))
+    near_invalid = sum(1 for r in rows if r["within"] and not passes(r["checks"], kernel, loop, cpu))
     return {"far_but_valid": far_valid, "within_but_invalid": near_invalid,
             "agrees": not far_valid and near_invalid <= 1}
 
 
+def repick(pilots: list[dict], kernel: float, loop: float, cpu: float) -> str:
+    """`auto`'s pick from its stored pilots at these thresholds: the smallest TDF whose
+    pilots all pass, with '?' when a policy was not piloted there (auto went on after the
+    first that failed)."""
+    wanted = set(dilations.pilot_policies(POLICIES))
+    for tdf in sorted({p["tdf"] for p in pilots}):
+        at = [p for p in pilots if p["tdf"] == tdf]
+        if all(passes(p["checks"], kernel, loop, cpu) for p in at):
+            return f"{tdf:g}" + ("" if {p["policy"] for p in at} >= wanted else "?")
+    return "none"
+
+
 def print_rejudged(path: Path) -> None:
-    rows = json.loads(path.read_text())["rows"]
+    bench = json.loads(path.read_text())
+    rows, picks = bench["rows"], bench.get("picks", {})
     judge(rows)
+    converged = {t: converged_tdf([r for r in rows if r["topology"] == t])
+                 for t in sorted({r["topology"] for r in rows})}
+    print("converged from TDF: " + ", ".join(f"{t} {c}" for t, c in converged.items()))
     grid = itertools.product((0.05, 0.1, 0.15, 0.2, 0.3, 0.5, 1.0),
                              (0.02, 0.05, 0.1, 0.2), (0.95, 0.9, 0.8))
     print(table(["KERNEL LATENESS <=", "LOOP LAG <=", "CPU WINDOWS >=", "FAR BUT VALID",
-                 "WITHIN BUT INVALID", "AGREES"],
+                 "WITHIN BUT INVALID", "AGREES", "AUTO WOULD PICK"],
                 [[f"{k:.1%}", f"{lag * 1e3:.0f} ms", f"{c:.0%}", str(j["far_but_valid"]),
-                  str(j["within_but_invalid"]), "yes" if j["agrees"] else "no"]
+                  str(j["within_but_invalid"]), "yes" if j["agrees"] else "no",
+                  ", ".join(f"{Path(t).stem} {repick(p['pilots'], k, lag, c)}"
+                            for t, p in picks.items())]
                  for k, lag, c in grid for j in [rejudge(rows, k, lag, c)]]))
 
 
@@ -147,6 +167,8 @@ def main() -> None:
                         help="a finished bench's JSON: agreement at other thresholds")
     args = parser.parse_args()
     if args.rejudge:
+        if not args.rejudge.is_file():
+            parser.error(f"--rejudge: got {str(args.rejudge)!r}, expected a bench's JSON file")
         print_rejudged(args.rejudge)
         return
     started = time.strftime("%Y%m%d-%H%M%S")
