@@ -5,8 +5,8 @@ topology file, else 1. `auto` picks one TDF per topology, for all of its policie
 speedup never divides JCTs taken at different TDFs: the smallest of AUTO_CANDIDATES (of
 those at which the topology's link rates fit) at which a pilot of every policy that moves KV
 (the first PILOT_SECONDS emulated seconds of the scenario's heaviest load) gets a VALID
-fidelity verdict. Oracle, which moves no KV, costs
-the host least, so it is piloted only when it is all the scenario runs.
+fidelity verdict. Oracle, which moves no KV, costs the host least, so it is piloted only when
+it is all the scenario runs.
 """
 
 from __future__ import annotations

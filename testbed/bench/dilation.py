@@ -5,7 +5,8 @@ Basic, DualPath and oracle on 1P2D-g2 and 2P2D-g2, one offline workload, at TDF 
 emulated JCT, the mean over agents of each one's finish less its arrival, lies from the
 reference's; the tolerance is max(3%, twice the spread of the TDF 8 repeats). The batch's
 completion (the offline JCT the scenarios report) is shown beside it but not judged: it is
-one agent's finish, and its TDF 8 repeats spread by 14-27% here. The verdict agrees with convergence when:
+one agent's finish, and its TDF 8 repeats spread by 14-27% here. The verdict agrees with
+convergence when:
   - every run further from the reference than the tolerance is INVALID;
   - at most one run within the tolerance is INVALID;
   - `auto` (testbed/dilation.py, its pilots run here too) picks, per topology, the smallest
