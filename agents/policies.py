@@ -16,6 +16,41 @@ from agents.scheduling import (EngineState, Request, choose_read_path, de_group_
                                de_schedule, pe_schedule)
 
 
+class RoundRobin:
+    """Placement without the scheduler: requests, in arrival order, to the engines of all
+    groups in turn. Each request is given its engine once, when first seen, and waits for
+    that engine's group to fetch (and, for a decode, for the engine's free HBM): which group
+    happens to fetch first does not change where requests go. A request whose engine is no
+    longer usable is given the next one in turn."""
+
+    def __init__(self) -> None:
+        self._turn = itertools.count()
+        self._given: dict[int, str] = {}      # request id -> engine, for requests still queued
+
+    def place(self, queue: deque[Request], groups: dict[str, list[EngineState]], group: str,
+              decode: bool) -> list[tuple[Request, EngineState]]:
+        engines = {e.name: e for g in sorted(groups) for e in groups[g]}
+        names = list(engines)
+        fetching = {e.name for e in groups[group]}
+        assigned, keep = [], deque()
+        while queue:
+            r = queue.popleft()
+            name = self._given.get(r.id)
+            if name not in engines:
+                name = self._given[r.id] = names[next(self._turn) % len(names)]
+            e = engines[name]
+            if name in fetching and (not decode or e.free_hbm >= r.hbm_need):
+                e.seq, e.tok = e.seq + 1, e.tok + r.tokens
+                if decode:
+                    e.free_hbm -= r.hbm_need
+                assigned.append((r, e))
+            else:
+                keep.append(r)
+        queue.extend(keep)
+        self._given = {r.id: self._given[r.id] for r in keep}
+        return assigned
+
+
 class Policy:
     name = "policy"
     layerwise = True      # prefill streams KV layer by layer, overlapped with compute
@@ -24,8 +59,8 @@ class Policy:
     oracle = False        # skip all KV I/O
 
     def __init__(self) -> None:
-        self._next_pe = itertools.count()
-        self._next_de = itertools.count()
+        self._prefill_turns = RoundRobin()
+        self._decode_turns = RoundRobin()
         self._next_path = itertools.count()
         self.categories: Counter = Counter()   # where its placements came from (§5 rules)
 
@@ -36,38 +71,16 @@ class Policy:
         if self.scheduled:
             de_group_schedule(global_queue, groups, private)
             return de_schedule(private[group], groups[group], categories=self.categories)
-        return self._round_robin(global_queue, groups, group, self._next_de, decode=True)
+        return self._decode_turns.place(global_queue, groups, group, decode=True)
 
-    def place_prefill(self, waiting: deque[Request], group: list[EngineState],
-                      read_q: dict[str, int], alpha: int, beta: int,
+    def place_prefill(self, waiting: deque[Request], groups: dict[str, list[EngineState]],
+                      group: str, read_q: dict[str, int], alpha: int, beta: int,
                       ) -> list[tuple[Request, EngineState]]:
+        """`groups`: every usable prefill group's engines; `group`: the one fetching."""
         if self.scheduled:
-            return pe_schedule(waiting, group, read_q, alpha, beta, self.categories)
-        assigned = []
-        while waiting:
-            self.categories["round_robin"] += 1
-            pe = group[next(self._next_pe) % len(group)]
-            r = waiting.popleft()
-            pe.seq, pe.tok = pe.seq + 1, pe.tok + r.tokens
-            assigned.append((r, pe))
-        return assigned
-
-    def _round_robin(self, queue, groups, group, counter, decode: bool):
-        """Requests in arrival order to the engines of all groups in turn; a group's fetch
-        takes the ones that fell to its engines (others wait for their own group)."""
-        engines = [e for g in sorted(groups) for e in groups[g]]
-        assigned, keep = [], deque()
-        while queue:
-            r = queue.popleft()
-            e = engines[next(counter) % len(engines)]
-            if e in groups[group] and (not decode or e.free_hbm >= r.hbm_need):
-                e.seq, e.tok = e.seq + 1, e.tok + r.tokens
-                if decode:
-                    e.free_hbm -= r.hbm_need
-                assigned.append((r, e))
-            else:
-                keep.append(r)
-        queue.extend(keep)
+            return pe_schedule(waiting, groups[group], read_q, alpha, beta, self.categories)
+        assigned = self._prefill_turns.place(waiting, groups, group, decode=False)
+        self.categories["round_robin"] += len(assigned)
         return assigned
 
     # -- read path ------------------------------------------------------------------------

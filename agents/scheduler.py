@@ -202,11 +202,11 @@ class SchedulerAgent(Agent):
             for item in work:
                 self.pending[item["args"]["request"]].via["decode"] = via
         else:
-            engines = self.usable_groups("prefill").get(group)
-            if not engines:
+            groups = self.usable_groups("prefill")
+            if group not in groups:
                 return {"assignments": []}
-            assigned = self.policy.place_prefill(self.pe_waiting, engines, dict(self.read_q),
-                                                 self.alpha, self.beta)
+            assigned = self.policy.place_prefill(self.pe_waiting, groups, group,
+                                                 dict(self.read_q), self.alpha, self.beta)
             work = [w for r, pe in assigned if (w := self.prefill_work(r, pe, via))]
         self.decisions[role] += len(assigned)
         return {"assignments": work}

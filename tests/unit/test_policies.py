@@ -34,8 +34,8 @@ def test_round_robin_alternates_paths_and_engines():
     assert [policy.read_path(pe, de, {"P": 0, "D": 10**9}) for _ in range(4)] == \
         ["pe", "de", "pe", "de"]
     group = [EngineState(f"p{i}", "P", tok=100 * i) for i in range(3)]
-    assigned = policy.place_prefill(deque(Request(i, 10, 1) for i in range(6)), group, {"P": 0},
-                                    alpha=0, beta=0)
+    assigned = policy.place_prefill(deque(Request(i, 10, 1) for i in range(6)), {"P": group},
+                                    "P", {"P": 0}, alpha=0, beta=0)
     assert [e.name for _, e in assigned] == ["p0", "p1", "p2", "p0", "p1", "p2"]
 
 
@@ -47,6 +47,37 @@ def test_round_robin_decode_leaves_other_groups_requests_queued():
     assigned = policy.place_decode(queue, groups, {"a": deque(), "b": deque()}, "a")
     assert [r.id for r, _ in assigned] == [0, 2]
     assert [r.id for r in queue] == [1, 3]
+
+
+@pytest.mark.parametrize("role", ["prefill", "decode"])
+def test_round_robin_turns_do_not_depend_on_which_group_fetches_first(role):
+    """Each request keeps the engine it was given: however the groups' fetches interleave
+    with arrivals, the engines of both groups take turns."""
+    policy = load_policy("basic")
+    groups = {g: [EngineState(f"{g}{i}", g.upper(), free_hbm=10**6) for i in range(2)]
+              for g in ("a", "b")}
+
+    def fetch(queue, group):
+        if role == "decode":
+            return policy.place_decode(queue, groups, {"a": deque(), "b": deque()}, group)
+        return policy.place_prefill(queue, groups, group, {"A": 0, "B": 0}, alpha=0, beta=0)
+    queue, taken = deque(), {}
+    for first in range(0, 12, 3):              # three arrive, then "a" fetches, then "b"
+        queue.extend(Request(i, 10, 1) for i in range(first, first + 3))
+        for group in ("a", "a", "b"):
+            taken.update((r.id, e.name) for r, e in fetch(queue, group))
+    assert not queue
+    assert [taken[i] for i in range(12)] == ["a0", "a1", "b0", "b1"] * 3
+
+
+def test_round_robin_decode_waits_for_its_engines_hbm():
+    policy = load_policy("basic")
+    groups = {"a": [EngineState("a0", "A", free_hbm=25)]}
+    queue = deque(Request(i, 10, 1) for i in range(3))
+    assigned = policy.place_decode(queue, groups, {"a": deque()}, "a")
+    assert [r.id for r, _ in assigned] == [0, 1] and [r.id for r in queue] == [2]
+    groups["a"][0].free_hbm = 11
+    assert [r.id for r, _ in policy.place_decode(queue, groups, {"a": deque()}, "a")] == [2]
 
 
 class Custom(Policy):
