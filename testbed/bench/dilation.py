@@ -59,6 +59,16 @@ def busiest_snic(result: dict) -> float:
     return max((sum(us) / len(us) for us in per_node if us), default=0.0)
 
 
+# Per-turn figures whose means each row keeps: where a run's JCT went, to tell which part of
+# the pipeline moved when a run lies far from the reference.
+PHASES = ("ttft", "tpot", "prefill_queue", "prefill_load_wait", "prefill_load",
+          "prefill_compute", "prefill_all_to_all", "prefill_push")
+
+
+def phase_means(records: list[dict]) -> dict[str, float]:
+    return {k: sum(r[k] for r in records) / len(records) for k in PHASES} if records else {}
+
+
 def plan_runs(tdfs: list[float], repeats: int) -> list[tuple[float, int]]:
     """(TDF, repeat) in order: each TDF once, the second largest `repeats` times."""
     tdfs = sorted(tdfs)
@@ -206,6 +216,7 @@ def main() -> None:
                              "makespan": result["makespan"],
                              "wall_seconds": result["wall_seconds"],
                              "busiest_snic": busiest_snic(result), "failed": summary["failed"],
+                             "phases": phase_means(result["records"]),
                              "valid": result["fidelity"]["valid"],
                              "verdict": result["fidelity"]["summary"],
                              "checks": result["fidelity"]["checks"]})
