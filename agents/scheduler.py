@@ -95,7 +95,8 @@ class SchedulerAgent(Agent):
 
     def control_handlers(self) -> dict:
         return {**super().control_handlers(), "configure": self.configure,
-                "submit": self.submit, "fetch": self.fetch, "complete": self.complete}
+                "submit": self.submit, "fetch": self.fetch, "complete": self.complete,
+                "leaders": self.leaders}
 
     async def reset(self, host: str) -> int:
         try:
@@ -166,6 +167,14 @@ class SchedulerAgent(Agent):
         self.ready = {g: [] for g in self.groups["decode"]}   # decodes whose prefill is done
         self.private = {g: deque() for g in self.groups["decode"]}
         self.pe_waiting: deque[Request] = deque()
+        self.fetched: set[str] = set()      # groups whose leader fetched since this configure
+
+    async def leaders(self, m: dict) -> dict:
+        """Which engine groups have not fetched since the last `configure`: a client starts
+        its workload once none is left (a leader that found no scheduler while the cluster
+        came up backs off for a second of emulated time before it tries again)."""
+        groups = [g for role in ("prefill", "decode") for g in self.groups[role]]
+        return {"waiting": [g for g in groups if g not in self.fetched]}
 
     # -- clients ----------------------------------------------------------------------------
     async def submit(self, m: dict) -> dict:
@@ -188,6 +197,7 @@ class SchedulerAgent(Agent):
     async def fetch(self, m: dict) -> dict:
         """A group leader (`engine`) pulls its group's new work."""
         group, role, via = m["group"], m["role"], m.get("engine", "")
+        self.fetched.add(group)
         if role == "decode":
             groups = self.usable_groups("decode")
             if group not in groups:
