@@ -96,7 +96,7 @@ class SchedulerAgent(Agent):
     def control_handlers(self) -> dict:
         return {**super().control_handlers(), "configure": self.configure,
                 "submit": self.submit, "fetch": self.fetch, "complete": self.complete,
-                "leaders": self.leaders}
+                "ready": self.groups_ready}
 
     async def reset(self, host: str) -> int:
         try:
@@ -169,12 +169,15 @@ class SchedulerAgent(Agent):
         self.pe_waiting: deque[Request] = deque()
         self.fetched: set[str] = set()      # groups whose leader fetched since this configure
 
-    async def leaders(self, m: dict) -> dict:
-        """Which engine groups have not fetched since the last `configure`: a client starts
-        its workload once none is left (a leader that found no scheduler while the cluster
-        came up backs off for a second of emulated time before it tries again)."""
-        groups = [g for role in ("prefill", "decode") for g in self.groups[role]]
-        return {"waiting": [g for g in groups if g not in self.fetched]}
+    async def groups_ready(self, m: dict) -> dict:
+        """Which engine groups cannot take work yet: a client starts its workload once none
+        is left. A group waits until its leader has fetched since the last `configure` (a
+        leader that found no scheduler while the cluster came up backs off for a second) and
+        the health watch has seen every engine of it answer (one that was still starting at
+        the first round counts as down until the next, a second later)."""
+        return {"waiting": [g for role in ("prefill", "decode")
+                            for g, engines in self.groups[role].items()
+                            if g not in self.fetched or not all(map(self.usable, engines))]}
 
     # -- clients ----------------------------------------------------------------------------
     async def submit(self, m: dict) -> dict:

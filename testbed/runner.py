@@ -60,10 +60,11 @@ ATTEMPTS = 3
 RETRY_SECONDS = 1.0
 # How long a client waits for a scheduler that refuses connections (one restarting).
 SCHEDULER_WAIT_SECONDS = 60.0
-# How long a run waits for every engine group's leader to fetch before its first arrival
-# (each retries every agents.engine.IDLE_FETCH_SECONDS while it finds no scheduler).
-LEADERS_WAIT_SECONDS = 10.0
-LEADERS_POLL_SECONDS = 0.02
+# How long a run waits, before its first arrival, for the scheduler to be able to place work
+# on every engine group (leaders retry every agents.engine.IDLE_FETCH_SECONDS while they find
+# no scheduler; the health watch looks every agents.health.HEALTH_SECONDS).
+GROUPS_WAIT_SECONDS = 10.0
+GROUPS_POLL_SECONDS = 0.02
 
 
 @dataclass
@@ -308,17 +309,19 @@ async def collect_timeliness(plan: ClusterPlan, reset: bool) -> dict[str, dict]:
     return {h.name: r for h, r in zip(hosts, replies) if isinstance(r, dict)}
 
 
-async def leaders_fetching(scheduler: str) -> None:
-    """Wait until every engine group's leader has fetched from the configured scheduler.
-    A leader that found no scheduler while the cluster came up backs off for a second of
-    emulated time: started during that second, the first arrivals queued for the rest of
-    it (1.4 s of TTFT at TDF 16, when the back-off is 16 s of wall time)."""
-    deadline = clock.now() + LEADERS_WAIT_SECONDS
-    while waiting := (await acall(scheduler, "leaders"))["waiting"]:
+async def groups_ready(scheduler: str) -> None:
+    """Wait until the scheduler can place work on every engine group: each group's leader
+    has fetched from it since it was configured, and its health watch has seen each engine
+    answer. Either may lag the cluster's start by a second of emulated time (a leader's
+    back-off, a health round), 16 s of wall time at TDF 16: arrivals in that second queued
+    for the rest of it."""
+    deadline = clock.now() + GROUPS_WAIT_SECONDS
+    while waiting := (await acall(scheduler, "ready"))["waiting"]:
         if clock.now() > deadline:
-            raise TestbedError(f"engine groups {', '.join(waiting)}: no fetch from the "
-                               f"scheduler within {LEADERS_WAIT_SECONDS:g} s of its start")
-        await clock.sleep(LEADERS_POLL_SECONDS)
+            raise TestbedError(f"engine groups {', '.join(waiting)}: not ready to take work "
+                               f"within {GROUPS_WAIT_SECONDS:g} s (no fetch from the "
+                               "scheduler, or an engine it does not see answer)")
+        await clock.sleep(GROUPS_POLL_SECONDS)
 
 
 async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
@@ -336,7 +339,7 @@ async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
     await acall(scheduler, "configure", **configuration)
     cluster.agents.restart_args["sched"] = ["--configuration", json.dumps(configuration)]
     agents, cache = warm_start(plan, profile, workload)
-    await leaders_fetching(scheduler)
+    await groups_ready(scheduler)
     outcome = Outcome()
     records = outcome.records
     geometry = Geometry.of(profile, plan.topology.scale)
