@@ -48,7 +48,7 @@ LINK_PACE_MIN = 0.95
 # HTB sends whole segments of up to GSO_MAX bytes, so a window's byte count is off by up to
 # one: a window holds at least this many, so that one is a small share of it.
 PACE_SEGMENTS = 20
-KERNEL_LATENESS_MAX = 0.30     # set by make bench-dilation: see the README
+KERNEL_LATENESS_MAX = 0.09     # set by make bench-dilation: see the README
 LOOP_LAG_MAX = 0.020
 QUANTILE = 0.99
 

@@ -155,7 +155,7 @@ def print_rejudged(path: Path) -> None:
     converged = {t: converged_tdf([r for r in rows if r["topology"] == t])
                  for t in sorted({r["topology"] for r in rows})}
     print("converged from TDF: " + ", ".join(f"{t} {c}" for t, c in converged.items()))
-    grid = itertools.product((0.05, 0.075, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5),
+    grid = itertools.product((0.05, 0.075, 0.09, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5),
                              (0.02, 0.05, 0.1, 0.2), (0.95, 0.9, 0.8))
     print(table(["KERNEL LATENESS <=", "LOOP LAG <=", "CPU WINDOWS >=", "FAR BUT VALID",
                  "WITHIN BUT INVALID", "AGREES", "AUTO WOULD PICK"],
