@@ -250,24 +250,42 @@ def cmd_request(args: argparse.Namespace) -> int:
 def cmd_scenario_run(args: argparse.Namespace) -> int:
     from testbed.runner import run_scenario
     from testbed.scenario import load_scenario
-    from testbed.state import fabric_running
     from testbed.dilation import dilation_argument
     from testbed.scenario import check_dilation
     dilation = None if args.time_dilation is None else dilation_argument(args.time_dilation)
     scenario = load_scenario(args.scenario)
     if isinstance(dilation, float):
         check_dilation(dilation, scenario.topologies, "--time-dilation")
+    return _scenario_runs(scenario.name, lambda: run_scenario(scenario, dilation=dilation))
+
+
+def cmd_scenario_pilot(args: argparse.Namespace) -> int:
+    from testbed.runner import pilot_scenario
+    from testbed.scenario import load_scenario
+    scenario = load_scenario(args.scenario)
+    picks = {}
+    code = _scenario_runs(scenario.name, lambda: picks.update(pilot_scenario(scenario)))
+    if picks:
+        print(f"{scenario.name} needs: " + ", ".join(f"TDF {tdf:g} on {topology}"
+                                                    for topology, tdf in picks.items()))
+    return code
+
+
+def _scenario_runs(name: str, runs) -> int:
+    """A scenario's runs (`runs()`), each on a cluster of its own: none may be up already,
+    and Ctrl-C or SIGTERM tears down the one running."""
+    from testbed.state import fabric_running
     if fabric_running():
         raise TestbedError("a fabric is up: a scenario brings up its own; "
                            "`testbed fabric down` first")
     signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        run_scenario(scenario, dilation=dilation)
+        runs()
     except (KeyboardInterrupt, Stop):
         print("\nscenario interrupted; its cluster was torn down", file=sys.stderr)
         return 130
     except (OSError, RuntimeError) as exc:
-        raise TestbedError(f"scenario {scenario.name} failed: {exc}") from None
+        raise TestbedError(f"scenario {name} failed: {exc}") from None
     return 0
 
 
@@ -349,6 +367,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="run every topology at this time-dilation factor (a number >= 1), "
                            "or pick it by pilot runs (auto); overrides the scenario's")
     srun.set_defaults(func=cmd_scenario_run)
+    spilot = scenario.add_parser(
+        "pilot", help="which TDF a scenario needs: auto's pilots alone, without the runs")
+    spilot.add_argument("scenario", help="a name in scenarios/ or a path")
+    spilot.set_defaults(func=cmd_scenario_pilot)
 
     from testbed.faults import FaultSpec
     fault = sub.add_parser(

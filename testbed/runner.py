@@ -666,6 +666,28 @@ def meets_slo(summary: dict, workload: Workload) -> bool:
     return summary["ttft"] <= workload.slo_ttft and summary["tpot"] <= workload.slo_tpot
 
 
+def topology_dilation(scenario: Scenario, topology: str,
+                      dilation: float | str | None) -> tuple[float, str]:
+    """The TDF of one topology's runs, and a line saying where it came from (printed);
+    'auto' pilots it (testbed.dilation) on the scenario's heaviest load."""
+    heaviest = scenario.workload.levels()[-1]
+
+    def pilot(policy: str, tdf: float) -> dict:
+        return run_policy(scenario, topology, policy, heaviest, None, tdf,
+                          horizon=dilations.PILOT_SECONDS)
+    tdf, why = dilations.resolve(REPO / topology, dilation, scenario.time_dilation,
+                                 scenario.policies, pilot)
+    print(f"{topology_name(topology)}: {why}", flush=True)
+    return tdf, why
+
+
+def pilot_scenario(scenario: Scenario) -> dict[str, float]:
+    """`auto`'s pick for each of the scenario's topologies, from its pilots alone: which TDF
+    a scenario needs, in minutes rather than the hours its full runs may take at it."""
+    return {topology_name(topology): topology_dilation(scenario, topology, dilations.AUTO)[0]
+            for topology in scenario.topologies}
+
+
 def run_all(scenario: Scenario, annotator: Annotator | None = None,
             dilation: float | str | None = None) -> list[dict]:
     """Every topology x policy x arrival rate, each topology at one time dilation (`dilation`
@@ -673,14 +695,8 @@ def run_all(scenario: Scenario, annotator: Annotator | None = None,
     online sweep of a policy stops at the first rate that misses the SLO (the paper's stop
     rule: TTFT over 4 s)."""
     results = []
-    heaviest = scenario.workload.levels()[-1]
     for topology in scenario.topologies:
-        def pilot(policy: str, tdf: float) -> dict:
-            return run_policy(scenario, topology, policy, heaviest, None, tdf,
-                              horizon=dilations.PILOT_SECONDS)
-        tdf, why = dilations.resolve(REPO / topology, dilation, scenario.time_dilation,
-                                     scenario.policies, pilot)
-        print(f"{topology_name(topology)}: {why}", flush=True)
+        tdf, why = topology_dilation(scenario, topology, dilation)
         for policy in scenario.policies:
             for aps in scenario.workload.levels():
                 results.append(run_policy(scenario, topology, policy, aps, annotator, tdf))
