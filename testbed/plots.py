@@ -71,8 +71,9 @@ def _links(out: Path, results: list[dict]) -> Path:
             ax.set_title(f"{_label(result, results).replace(chr(10), ' / ')}: {kind}")
             if ax.lines:
                 ax.legend(loc="upper right", fontsize="x-small", ncol=2)
-            else:   # a run shorter than the 5 s rate window has no samples yet
-                ax.text(0.5, 0.5, "no samples: the run was shorter than the 5 s rate window",
+            else:   # a run shorter than the rate window (5 s of wall time) has no samples yet
+                ax.text(0.5, 0.5,
+                        "no samples: the run was shorter than the rate window (5 s of wall time)",
                         ha="center", va="center", transform=ax.transAxes, fontsize="small")
     for ax in axes[-1]:
         ax.set_xlabel("time (s)")
