@@ -74,6 +74,9 @@ class Check:
     passed: bool
     figure: str                     # what was measured, against what it needs
     value: float | None = None
+    # The histograms the figure was read from (agents/fidelity.py, Quantiles.to_json), by
+    # agent or "all": enough to judge the run again at another quantile or threshold.
+    histograms: dict[str, dict] | None = None
 
     def __str__(self) -> str:
         return f"{self.name}: {self.figure}"
@@ -159,7 +162,7 @@ def kernel_check(lateness: Quantiles) -> Check:
     p99 = lateness.quantile(QUANTILE)
     return Check("kernel lateness", p99 <= KERNEL_LATENESS_MAX,
                  f"p99 {p99:.1%} of the kernel's time, over {lateness.count:.1f} s of GPU time "
-                 f"(needs <= {KERNEL_LATENESS_MAX:.0%})", p99)
+                 f"(needs <= {KERNEL_LATENESS_MAX:.0%})", p99, {"all": lateness.to_json()})
 
 
 def loop_check(lags: dict[str, Quantiles], silent: list[str]) -> Check:
@@ -175,7 +178,8 @@ def loop_check(lags: dict[str, Quantiles], silent: list[str]) -> Check:
     over = f"; {len(late)} of {len(measured)} agents over" if late else ""
     return Check("event-loop lag", not late,
                  f"worst p99 {measured[worst] * 1e3:.1f} ms ({worst}), emulated "
-                 f"(needs <= {LOOP_LAG_MAX * 1e3:.0f} ms){over}", measured[worst])
+                 f"(needs <= {LOOP_LAG_MAX * 1e3:.0f} ms){over}", measured[worst],
+                 {agent: lags[agent].to_json() for agent in measured})
 
 
 class FidelityWatch:

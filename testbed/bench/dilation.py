@@ -17,7 +17,8 @@ Prints the table and writes results/bench-dilation/<timestamp>.json and .md (and
 goes, <timestamp>.partial.json). About 70 to 90 minutes on a 2-core machine.
 
 `--rejudge FILE` reads a finished bench's rows and tells, for other thresholds of kernel
-lateness, event-loop lag and CPU headroom, whether the verdict would agree with convergence:
+lateness (and other quantiles of it, from the histograms each run keeps), event-loop lag and
+CPU headroom, whether the verdict would agree with convergence:
 the evidence behind the thresholds in testbed/fidelity.py.
 """
 
@@ -29,8 +30,10 @@ import json
 import time
 from pathlib import Path
 
+from agents.fidelity import Quantiles
 from testbed import dilation as dilations
 from testbed.bench import REPO, save
+from testbed.fidelity import QUANTILE
 from testbed.report import table
 from testbed.runner import run_policy, summarize
 from testbed.scenario import Scenario
@@ -119,31 +122,46 @@ def bench_scenario(topology: str, agents: int) -> Scenario:
         "policies": POLICIES})
 
 
-def passes(checks: list[dict], kernel: float, loop: float, cpu: float) -> bool:
-    """A run's stored checks judged again at these thresholds; link pace as it was."""
-    limits = {"kernel lateness": lambda v: v <= kernel, "event-loop lag": lambda v: v <= loop,
-              "host CPU headroom": lambda v: v >= cpu}
-    return all(limits[c["name"]](c["value"]) if c["name"] in limits and c["value"] is not None
-               else c["passed"] for c in checks)
+def kernel_figure(check: dict, quantile: float) -> float | None:
+    """A run's kernel lateness at `quantile`, from the stored histogram (runs stored before
+    it was kept have their p99 only)."""
+    if check.get("histograms"):
+        return Quantiles.from_json(check["histograms"]["all"]).quantile(quantile)
+    return check["value"] if quantile == QUANTILE else None
 
 
-def rejudge(rows: list[dict], kernel: float, loop: float, cpu: float) -> dict:
+def passes(checks: list[dict], kernel_q: float, kernel: float, loop: float,
+           cpu: float) -> bool:
+    """A run's stored checks judged again at these thresholds (kernel lateness at its
+    `kernel_q` quantile); link pace as it was."""
+    limits = {"kernel lateness": lambda c: kernel_figure(c, kernel_q),
+              "event-loop lag": lambda c: c["value"], "host CPU headroom": lambda c: c["value"]}
+    holds = {"kernel lateness": lambda v: v <= kernel, "event-loop lag": lambda v: v <= loop,
+             "host CPU headroom": lambda v: v >= cpu}
+    for c in checks:
+        figure = limits[c["name"]](c) if c["name"] in limits else None
+        if not (c["passed"] if figure is None else holds[c["name"]](figure)):
+            return False
+    return True
+
+
+def rejudge(rows: list[dict], *thresholds: float) -> dict:
     """`judge` of `rows` (already judged: distances known) with the verdict taken again
-    at these thresholds."""
-    far_valid = sum(1 for r in rows if not r["within"] and passes(r["checks"], kernel, loop, cpu))
-    near_invalid = sum(1 for r in rows if r["within"] and not passes(r["checks"], kernel, loop, cpu))
+    at these thresholds (as `passes` takes them)."""
+    far_valid = sum(1 for r in rows if not r["within"] and passes(r["checks"], *thresholds))
+    near_invalid = sum(1 for r in rows if r["within"] and not passes(r["checks"], *thresholds))
     return {"far_but_valid": far_valid, "within_but_invalid": near_invalid,
             "agrees": not far_valid and near_invalid <= 1}
 
 
-def repick(pilots: list[dict], kernel: float, loop: float, cpu: float) -> str:
+def repick(pilots: list[dict], *thresholds: float) -> str:
     """`auto`'s pick from its stored pilots at these thresholds: the smallest TDF whose
     pilots all pass, with '?' when a policy was not piloted there (auto went on after the
     first that failed)."""
     wanted = set(dilations.pilot_policies(POLICIES))
     for tdf in sorted({p["tdf"] for p in pilots}):
         at = [p for p in pilots if p["tdf"] == tdf]
-        if all(passes(p["checks"], kernel, loop, cpu) for p in at):
+        if all(passes(p["checks"], *thresholds) for p in at):
             return f"{tdf:g}" + ("" if {p["policy"] for p in at} >= wanted else "?")
     return "none"
 
@@ -155,15 +173,18 @@ def print_rejudged(path: Path) -> None:
     converged = {t: converged_tdf([r for r in rows if r["topology"] == t])
                  for t in sorted({r["topology"] for r in rows})}
     print("converged from TDF: " + ", ".join(f"{t} {c}" for t, c in converged.items()))
-    grid = itertools.product((0.05, 0.075, 0.09, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5),
-                             (0.02, 0.05, 0.1, 0.2), (0.95, 0.9, 0.8))
-    print(table(["KERNEL LATENESS <=", "LOOP LAG <=", "CPU WINDOWS >=", "FAR BUT VALID",
+    kept = any(c.get("histograms") for r in rows for c in r["checks"])
+    grid = itertools.product((0.9, 0.95, 0.99) if kept else (QUANTILE,),
+                             (0.05, 0.075, 0.09, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5),
+                             (0.02, 0.05, 0.1), (0.95, 0.8))
+    print(table(["KERNEL LATENESS", "LOOP LAG <=", "CPU WINDOWS >=", "FAR BUT VALID",
                  "WITHIN BUT INVALID", "AGREES", "AUTO WOULD PICK"],
-                [[f"{k:.1%}", f"{lag * 1e3:.0f} ms", f"{c:.0%}", str(j["far_but_valid"]),
-                  str(j["within_but_invalid"]), "yes" if j["agrees"] else "no",
-                  ", ".join(f"{Path(t).stem} {repick(p['pilots'], k, lag, c)}"
+                [[f"p{q * 100:g} <= {k:.1%}", f"{lag * 1e3:.0f} ms", f"{c:.0%}",
+                  str(j["far_but_valid"]), str(j["within_but_invalid"]),
+                  "yes" if j["agrees"] else "no",
+                  ", ".join(f"{Path(t).stem} {repick(p['pilots'], q, k, lag, c)}"
                             for t, p in picks.items())]
-                 for k, lag, c in grid for j in [rejudge(rows, k, lag, c)]]))
+                 for q, k, lag, c in grid for j in [rejudge(rows, q, k, lag, c)]]))
 
 
 def run_one(scenario: Scenario, topology: str, policy: str, tdf: float,

@@ -181,3 +181,16 @@ def test_the_verdict_names_each_failed_invariant_with_its_figure():
     assert not verdict.valid
     assert verdict.summary() == f"INVALID: link pace: {bad.figure}"
     assert verdict.to_json()["checks"][1]["passed"] is False
+
+
+def test_a_check_keeps_the_histograms_its_figure_was_read_from():
+    """So a stored run can be judged again at another quantile or threshold."""
+    lateness, lag = Quantiles(), Quantiles()
+    for i in range(1, 1001):
+        lateness.add(i / 1000, weight=0.5)
+        lag.add(i / 100_000)
+    kept = Quantiles.from_json(kernel_check(lateness).histograms["all"])
+    assert kept.quantile(0.99) == kernel_check(lateness).value
+    assert kept.quantile(0.9) == lateness.quantile(0.9) < kept.quantile(0.99)
+    check = loop_check({"n0": lag}, [])
+    assert Quantiles.from_json(check.histograms["n0"]).quantile(0.99) == check.value
