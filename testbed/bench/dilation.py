@@ -134,15 +134,14 @@ def passes(checks: list[dict], kernel_q: float, kernel: float, loop: float,
            cpu: float) -> bool:
     """A run's stored checks judged again at these thresholds (kernel lateness at its
     `kernel_q` quantile); link pace as it was."""
-    limits = {"kernel lateness": lambda c: kernel_figure(c, kernel_q),
-              "event-loop lag": lambda c: c["value"], "host CPU headroom": lambda c: c["value"]}
-    holds = {"kernel lateness": lambda v: v <= kernel, "event-loop lag": lambda v: v <= loop,
-             "host CPU headroom": lambda v: v >= cpu}
-    for c in checks:
-        figure = limits[c["name"]](c) if c["name"] in limits else None
-        if not (c["passed"] if figure is None else holds[c["name"]](figure)):
-            return False
-    return True
+    limits = {"kernel lateness": lambda v: v <= kernel, "event-loop lag": lambda v: v <= loop,
+              "host CPU headroom": lambda v: v >= cpu}
+
+    def holds(c: dict) -> bool:
+        figure = kernel_figure(c, kernel_q) if c["name"] == "kernel lateness" else c["value"]
+        return (limits[c["name"]](figure) if c["name"] in limits and figure is not None
+                else c["passed"])
+    return all(map(holds, checks))
 
 
 def rejudge(rows: list[dict], *thresholds: float) -> dict:
