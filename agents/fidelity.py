@@ -51,6 +51,15 @@ class Quantiles:
             seen += self.counts[bucket]
             if seen >= rank:
                 break
+        return self.middle(bucket)
+
+    def mean(self) -> float:
+        """The weighted mean, each value read as its bucket's middle (0 with no values)."""
+        total = self.count
+        return sum(self.middle(b) * w for b, w in self.counts.items()) / total if total else 0.0
+
+    @staticmethod
+    def middle(bucket: int) -> float:
         return 0.0 if bucket == 0 else SMALLEST * BUCKET_GROWTH ** (bucket - 0.5)
 
     def to_json(self) -> dict[str, float]:
