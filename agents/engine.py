@@ -127,6 +127,14 @@ class EngineAgent(Agent):
         await asyncio.gather(*tasks, return_exceptions=True)
         return {"dropped": len(tasks)}
 
+    async def report_read(self, request: int) -> None:
+        """Tell the scheduler that a request's hit KV is read: it leaves the read queues of
+        the nodes that read it, though its prefill may still wait for the GPU."""
+        try:
+            await acall(self.address("sched", "mgmt"), "read", request=request)
+        except Exception as exc:     # the scheduler then releases it when the prefill ends
+            self.log.debug("read of request %d not reported: %s", request, error_text(exc))
+
     async def abandon(self, run: "PrefillRun") -> None:
         if run in self.prefill_queue:
             self.prefill_queue.remove(run)
@@ -585,6 +593,7 @@ class PrefillRun:
                 raise result
         self.timings["load"] = clock.now() - t
         self.moved["load_window"] = [at, clock.time()]   # clock.time(): comparable across hosts
+        asyncio.create_task(self.engine.report_read(self.request))
 
     def layer_read(self, source: "ReadSource", layer: int) -> Frame:
         # The decode node keeps its copy: it is part of the prompt the decode fetches.

@@ -8,9 +8,11 @@ prefill has completed (the prompt KV is then in the DE buffer). Engines report b
 `complete`.
 
 The scheduler keeps seq_e, tok_e and each node's read queue itself, from what it assigned
-and what completed: the numbers the engines would report on a fetch, without a polling
-delay. A node's read queue is the hit tokens of the prefills reading on that node that have
-not completed yet (a poll of the node agents would miss what this very fetch assigned).
+and what engines reported: the numbers the engines would report on a fetch, without a
+polling delay. A node's read queue is its disk-read queue (§5.4): the hit tokens placed to
+be read on that node whose read has not ended (a prefill engine reports each request's
+`read`). A poll of the node agents would miss what this very fetch assigned; counting reads
+until their prefill ends would count tokens already read that wait for the GPU.
 
 A request allocates decode HBM only once its prefill has ended and its prompt is in the DE
 buffer (paper §3.3); an engine short of HBM makes it wait there. The placement filter's free
@@ -59,6 +61,7 @@ class Pending:
     de: EngineState | None = None
     path: str | None = None
     reads: dict[str, int] = field(default_factory=dict)   # node -> hit tokens it reads
+    reading: bool = False          # its reads count in the read queues
     results: dict = field(default_factory=dict)
     open: set[str] = field(default_factory=set)      # phases placed and not ended
     via: dict[str, str] = field(default_factory=dict)  # phase -> the engine handing it over
@@ -95,8 +98,8 @@ class SchedulerAgent(Agent):
 
     def control_handlers(self) -> dict:
         return {**super().control_handlers(), "configure": self.configure,
-                "submit": self.submit, "fetch": self.fetch, "complete": self.complete,
-                "ready": self.groups_ready}
+                "submit": self.submit, "fetch": self.fetch, "read": self.read,
+                "complete": self.complete, "ready": self.groups_ready}
 
     async def reset(self, host: str) -> int:
         try:
@@ -109,7 +112,7 @@ class SchedulerAgent(Agent):
         return {"policy": self.policy.name, "pending": len(self.pending),
                 "waiting_decode": len(self.global_de) + sum(map(len, self.private.values())),
                 "waiting_prefill": len(self.pe_waiting), "decisions": dict(self.decisions),
-                "read_q": dict(self.read_q),
+                "read_q": dict(self.read_q), "reads_reported": self.reads_reported,
                 "engines": {e.name: {"seq": e.seq, "tok": e.tok} for e in self.engines.values()}}
 
     def metrics(self):
@@ -159,6 +162,7 @@ class SchedulerAgent(Agent):
         for e in self.engines.values():
             e.seq = e.tok = 0
         self.read_q = dict.fromkeys(self.read_q, 0)
+        self.reads_reported = 0     # requests whose read ended before their prefill
         self.decisions = dict.fromkeys(self.decisions, 0)
         for engines in self.groups["decode"].values():
             for e in engines:
@@ -275,10 +279,24 @@ class SchedulerAgent(Agent):
         for node, blocks in reads:
             p.reads[node] = sum(t for _, t in blocks)
             self.read_q[node] += p.reads[node]
+        p.reading = True
         return {"engine": pe.name, "op": "prefill", "args": {
             "request": r.id, "model": b["model"], "hit": b["hit"], "miss": b["miss"],
             "path": p.path, "reads": reads, "decode_node": p.de.node,
             "oracle": self.policy.oracle, "layerwise": self.policy.layerwise}}
+
+    async def read(self, m: dict) -> dict:
+        """A prefill engine has read a request's hit KV into its nodes' DRAM."""
+        p = self.pending.get(int(m["request"]))
+        if p is not None and p.reading:
+            self.end_reads(p)
+            self.reads_reported += 1
+        return {}
+
+    def end_reads(self, p: Pending) -> None:
+        p.reading = False
+        for node, tokens in p.reads.items():
+            self.read_q[node] -= tokens
 
     async def complete(self, m: dict) -> dict:
         request = int(m["request"])
@@ -311,8 +329,8 @@ class SchedulerAgent(Agent):
         if phase == "prefill":
             p.pe.seq -= 1
             p.pe.tok -= r.tokens
-            for node, tokens in p.reads.items():
-                self.read_q[node] -= tokens
+            if p.reading:
+                self.end_reads(p)
         else:
             p.de.seq -= 1
             p.de.tok -= r.tokens
