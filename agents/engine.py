@@ -248,14 +248,17 @@ class EngineAgent(Agent):
 
     # -- all-to-all (model-execution traffic, EF) -------------------------------------------
     async def all_to_all(self, request: int, layer: int, total_bytes: int) -> float:
-        """One layer's expert-parallel exchange: this GPU's share goes to every peer
-        (dispatch) and comes back (combine), all of it EF."""
+        """One layer's expert-parallel exchange, all of it EF. `total_bytes`: the profile's
+        dispatch and combine of every routed copy of this GPU's tokens. Experts spread evenly
+        over the group, so the copies routed to this GPU's own experts (one in n) never leave
+        it; the rest go out to every peer alike, half of the bytes as the dispatch and the
+        same half back as the combine, so that each byte crosses the fabric once."""
         now = clock.now()
         peers = [p for p in self.peers if self.peers_gone.get(p.name, 0.0) <= now]
         if not peers or total_bytes <= 0:
             return 0.0
         started = clock.now()
-        share = max(1, total_bytes // len(peers))
+        share = max(1, total_bytes // (2 * (len(peers) + 1)))
 
         async def one(peer) -> None:
             conn = self.connection(peer.name, "cnic", ALL_TO_ALL_PORT, protocol.DSCP_EF, "a2a")
