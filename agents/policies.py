@@ -89,11 +89,14 @@ class Policy:
         """For a 'split' read path: the share of the hit tokens read on the PE side."""
         return 1.0
 
-    def read_path(self, pe: EngineState, de: EngineState, read_q: dict[str, int]) -> str:
+    def read_path(self, pe: EngineState, de: EngineState, read_q: dict[str, int],
+                  read_total: dict[str, int] | None = None) -> str:
+        """`read_q`: each node's tokens placed and not yet read; `read_total`: the tokens
+        each node was given to read since the policy was configured."""
         if not self.dual_path:
             return "pe"
         if self.scheduled:
-            return choose_read_path(pe, de, read_q)
+            return choose_read_path(pe, de, read_q, read_total)
         return ("pe", "de")[next(self._next_path) % 2]
 
 
@@ -122,7 +125,8 @@ class Split(Policy):
     that the two read queues end level: DualPath's scheduler otherwise."""
     name = "split"
 
-    def read_path(self, pe: EngineState, de: EngineState, read_q: dict[str, int]) -> str:
+    def read_path(self, pe: EngineState, de: EngineState, read_q: dict[str, int],
+                  read_total: dict[str, int] | None = None) -> str:
         return "split"
 
     def pe_share(self, pe: EngineState, de: EngineState, read_q: dict[str, int],

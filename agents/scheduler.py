@@ -162,6 +162,7 @@ class SchedulerAgent(Agent):
         for e in self.engines.values():
             e.seq = e.tok = 0
         self.read_q = dict.fromkeys(self.read_q, 0)
+        self.read_total = dict.fromkeys(self.read_q, 0)   # tokens given to each node to read
         self.reads_reported = 0     # requests whose read ended before their prefill
         self.decisions = dict.fromkeys(self.decisions, 0)
         for engines in self.groups["decode"].values():
@@ -259,7 +260,7 @@ class SchedulerAgent(Agent):
         p = self.pending[r.id]
         p.pe, p.via["prefill"] = pe, via
         p.open.add("prefill")
-        p.path = self.policy.read_path(pe, p.de, self.read_q)
+        p.path = self.policy.read_path(pe, p.de, self.read_q, self.read_total)
         b = p.body
         share = (self.policy.pe_share(pe, p.de, self.read_q, r.context)
                  if p.path == "split" else None)
@@ -279,6 +280,7 @@ class SchedulerAgent(Agent):
         for node, blocks in reads:
             p.reads[node] = sum(t for _, t in blocks)
             self.read_q[node] += p.reads[node]
+            self.read_total[node] += p.reads[node]
         p.reading = True
         return {"engine": pe.name, "op": "prefill", "args": {
             "request": r.id, "model": b["model"], "hit": b["hit"], "miss": b["miss"],

@@ -129,10 +129,16 @@ def de_schedule(private: deque[Request], group: list[EngineState], z_factor: flo
 
 # -- read path (§5.4) ---------------------------------------------------------------------
 
-def choose_read_path(pe: EngineState, de: EngineState, read_q: dict[str, int]) -> str:
-    """Read the whole request on the side whose storage read queue is shorter ("pe" on a
-    tie: the classic path costs no compute-fabric traffic)."""
-    return "de" if read_q[de.node] < read_q[pe.node] else "pe"
+def choose_read_path(pe: EngineState, de: EngineState, read_q: dict[str, int],
+                     read_total: dict[str, int] | None = None) -> str:
+    """Read the whole request on the side whose storage read queue is shorter. On a tie
+    (common: requests are alike, and idle queues empty), on the side whose node has read
+    fewer tokens so far (`read_total`; "pe" if even): a node compared with every node of the
+    other side, as 1P2D's one prefill node is, would otherwise take every tie and read most."""
+    if read_q[de.node] != read_q[pe.node]:
+        return "de" if read_q[de.node] < read_q[pe.node] else "pe"
+    total = read_total or {}
+    return "de" if total.get(de.node, 0) < total.get(pe.node, 0) else "pe"
 
 
 def read_plan(path: str, hit: list, pe_node: str, de_node: str,

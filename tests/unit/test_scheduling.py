@@ -130,6 +130,18 @@ def test_read_path_goes_to_the_shorter_read_queue():
     assert choose_read_path(pe, de, {"P": 100, "D": 100}) == "pe"
 
 
+def test_a_tie_goes_to_the_node_that_has_read_less():
+    """1P2D's prefill node is compared with each decode node: if it took every tie, it would
+    read most whenever the queues run empty."""
+    pe, de = EngineState("p", "P"), EngineState("d", "D")
+    empty = {"P": 0, "D": 0}
+    assert choose_read_path(pe, de, empty, {"P": 5000, "D": 2000}) == "de"
+    assert choose_read_path(pe, de, empty, {"P": 2000, "D": 5000}) == "pe"
+    assert choose_read_path(pe, de, empty, {"P": 2000, "D": 2000}) == "pe"
+    # Only a tie: a shorter queue wins whatever was read before.
+    assert choose_read_path(pe, de, {"P": 0, "D": 10}, {"P": 5000, "D": 0}) == "pe"
+
+
 # -- intra-engine batching ----------------------------------------------------------------
 
 def linear_attention(batch) -> float:
