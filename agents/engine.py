@@ -109,6 +109,7 @@ class EngineAgent(Agent):
                              protocol.DSCP_EF)
         self.work: dict[int, asyncio.Task] = {}   # request -> the call running its part
         self.running_batch: PrefillBatch | None = None
+        self.reports: set[asyncio.Task] = set()    # reads being reported to the scheduler
         self.leading = asyncio.create_task(self.lead())
 
     def control_handlers(self) -> dict:
@@ -127,13 +128,19 @@ class EngineAgent(Agent):
         await asyncio.gather(*tasks, return_exceptions=True)
         return {"dropped": len(tasks)}
 
-    async def report_read(self, request: int) -> None:
-        """Tell the scheduler that a request's hit KV is read: it leaves the read queues of
-        the nodes that read it, though its prefill may still wait for the GPU."""
-        try:
-            await acall(self.address("sched", "mgmt"), "read", request=request)
-        except Exception as exc:     # the scheduler then releases it when the prefill ends
-            self.log.debug("read of request %d not reported: %s", request, error_text(exc))
+    def report_read(self, request: int, node: str) -> None:
+        """Tell the scheduler that `node` has read its part of a request's hit KV: it leaves
+        that node's read queue, though the prefill may still wait for the GPU."""
+        async def report() -> None:
+            try:
+                await acall(self.address("sched", "mgmt"), "read", timeout=10,
+                            request=request, node=node)
+            except Exception as exc:     # the scheduler then releases it when the prefill ends
+                self.log.debug("read of request %d on %s not reported: %s", request, node,
+                               error_text(exc))
+        task = asyncio.create_task(report())
+        self.reports.add(task)          # the loop keeps only a weak reference
+        task.add_done_callback(self.reports.discard)
 
     async def abandon(self, run: "PrefillRun") -> None:
         if run in self.prefill_queue:
@@ -585,18 +592,21 @@ class PrefillRun:
         if self.oracle or not self.hit:
             return
         t, at = clock.now(), clock.time()
+        async def load_from(source: ReadSource) -> None:
+            await self.engine.exchange(source.load_conn, [
+                protocol.control(MessageType.LOAD, {"geometry": self.geometry.to_json(),
+                                                    "blocks": source.blocks}, self.request)],
+                1, MessageType.ACK)
+            self.engine.report_read(self.request, source.node)
+
         # Every node's load ends before a failure is raised, so that dropping the request
         # afterwards frees what each node loaded.
-        results = await asyncio.gather(*(self.engine.exchange(source.load_conn, [
-            protocol.control(MessageType.LOAD, {"geometry": self.geometry.to_json(),
-                                                "blocks": source.blocks}, self.request)],
-            1, MessageType.ACK) for source in self.sources), return_exceptions=True)
+        results = await asyncio.gather(*map(load_from, self.sources), return_exceptions=True)
         for result in results:
             if isinstance(result, BaseException):
                 raise result
         self.timings["load"] = clock.now() - t
         self.moved["load_window"] = [at, clock.time()]   # clock.time(): comparable across hosts
-        asyncio.create_task(self.engine.report_read(self.request))
 
     def layer_read(self, source: "ReadSource", layer: int) -> Frame:
         # The decode node keeps its copy: it is part of the prompt the decode fetches.

@@ -63,6 +63,9 @@ class Policy:
         self._decode_turns = RoundRobin()
         self._next_path = itertools.count()
         self.categories: Counter = Counter()   # where its placements came from (§5 rules)
+        # Hit tokens each node was given to read (the scheduler counts them): a read-path tie
+        # goes to the node that has read less.
+        self.read_total: Counter = Counter()
 
     # -- placement ------------------------------------------------------------------------
     def place_decode(self, global_queue: deque[Request], groups: dict[str, list[EngineState]],
@@ -89,14 +92,12 @@ class Policy:
         """For a 'split' read path: the share of the hit tokens read on the PE side."""
         return 1.0
 
-    def read_path(self, pe: EngineState, de: EngineState, read_q: dict[str, int],
-                  read_total: dict[str, int] | None = None) -> str:
-        """`read_q`: each node's tokens placed and not yet read; `read_total`: the tokens
-        each node was given to read since the policy was configured."""
+    def read_path(self, pe: EngineState, de: EngineState, read_q: dict[str, int]) -> str:
+        """`read_q`: each node's hit tokens placed and not yet read."""
         if not self.dual_path:
             return "pe"
         if self.scheduled:
-            return choose_read_path(pe, de, read_q, read_total)
+            return choose_read_path(pe, de, read_q, self.read_total)
         return ("pe", "de")[next(self._next_path) % 2]
 
 
@@ -125,8 +126,7 @@ class Split(Policy):
     that the two read queues end level: DualPath's scheduler otherwise."""
     name = "split"
 
-    def read_path(self, pe: EngineState, de: EngineState, read_q: dict[str, int],
-                  read_total: dict[str, int] | None = None) -> str:
+    def read_path(self, pe: EngineState, de: EngineState, read_q: dict[str, int]) -> str:
         return "split"
 
     def pe_share(self, pe: EngineState, de: EngineState, read_q: dict[str, int],

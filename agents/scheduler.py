@@ -10,9 +10,10 @@ prefill has completed (the prompt KV is then in the DE buffer). Engines report b
 The scheduler keeps seq_e, tok_e and each node's read queue itself, from what it assigned
 and what engines reported: the numbers the engines would report on a fetch, without a
 polling delay. A node's read queue is its disk-read queue (§5.4): the hit tokens placed to
-be read on that node whose read has not ended (a prefill engine reports each request's
-`read`). A poll of the node agents would miss what this very fetch assigned; counting reads
-until their prefill ends would count tokens already read that wait for the GPU.
+be read on that node whose read has not ended (a prefill engine reports each node's `read`
+of a request; the oracle reads nothing). A poll of the node agents would miss what this very
+fetch assigned; counting reads until their prefill ends would count tokens already read that
+wait for the GPU.
 
 A request allocates decode HBM only once its prefill has ended and its prompt is in the DE
 buffer (paper §3.3); an engine short of HBM makes it wait there. The placement filter's free
@@ -61,7 +62,7 @@ class Pending:
     de: EngineState | None = None
     path: str | None = None
     reads: dict[str, int] = field(default_factory=dict)   # node -> hit tokens it reads
-    reading: bool = False          # its reads count in the read queues
+    unread: dict[str, int] = field(default_factory=dict)  # those still in the read queues
     results: dict = field(default_factory=dict)
     open: set[str] = field(default_factory=set)      # phases placed and not ended
     via: dict[str, str] = field(default_factory=dict)  # phase -> the engine handing it over
@@ -162,8 +163,7 @@ class SchedulerAgent(Agent):
         for e in self.engines.values():
             e.seq = e.tok = 0
         self.read_q = dict.fromkeys(self.read_q, 0)
-        self.read_total = dict.fromkeys(self.read_q, 0)   # tokens given to each node to read
-        self.reads_reported = 0     # requests whose read ended before their prefill
+        self.reads_reported = 0     # reads (a request's, on one node) that ended before its prefill
         self.decisions = dict.fromkeys(self.decisions, 0)
         for engines in self.groups["decode"].values():
             for e in engines:
@@ -260,7 +260,7 @@ class SchedulerAgent(Agent):
         p = self.pending[r.id]
         p.pe, p.via["prefill"] = pe, via
         p.open.add("prefill")
-        p.path = self.policy.read_path(pe, p.de, self.read_q, self.read_total)
+        p.path = self.policy.read_path(pe, p.de, self.read_q)
         b = p.body
         share = (self.policy.pe_share(pe, p.de, self.read_q, r.context)
                  if p.path == "split" else None)
@@ -279,26 +279,23 @@ class SchedulerAgent(Agent):
         reads = read_plan(p.path, parse_blocks(b["hit"]), pe.node, p.de.node, share)
         for node, blocks in reads:
             p.reads[node] = sum(t for _, t in blocks)
-            self.read_q[node] += p.reads[node]
-            self.read_total[node] += p.reads[node]
-        p.reading = True
+        if not self.policy.oracle:        # the oracle reads nothing
+            p.unread = {node: tokens for node, tokens in p.reads.items() if tokens}
+            for node, tokens in p.unread.items():
+                self.read_q[node] += tokens
+                self.policy.read_total[node] += tokens
         return {"engine": pe.name, "op": "prefill", "args": {
             "request": r.id, "model": b["model"], "hit": b["hit"], "miss": b["miss"],
             "path": p.path, "reads": reads, "decode_node": p.de.node,
             "oracle": self.policy.oracle, "layerwise": self.policy.layerwise}}
 
     async def read(self, m: dict) -> dict:
-        """A prefill engine has read a request's hit KV into its nodes' DRAM."""
+        """A prefill engine has read a request's hit KV on `node` into its DRAM."""
         p = self.pending.get(int(m["request"]))
-        if p is not None and p.reading:
-            self.end_reads(p)
+        if p is not None and m["node"] in p.unread:
+            self.read_q[m["node"]] -= p.unread.pop(m["node"])
             self.reads_reported += 1
         return {}
-
-    def end_reads(self, p: Pending) -> None:
-        p.reading = False
-        for node, tokens in p.reads.items():
-            self.read_q[node] -= tokens
 
     async def complete(self, m: dict) -> dict:
         request = int(m["request"])
@@ -331,8 +328,9 @@ class SchedulerAgent(Agent):
         if phase == "prefill":
             p.pe.seq -= 1
             p.pe.tok -= r.tokens
-            if p.reading:
-                self.end_reads(p)
+            for node, tokens in p.unread.items():
+                self.read_q[node] -= tokens
+            p.unread.clear()
         else:
             p.de.seq -= 1
             p.de.tok -= r.tokens

@@ -48,8 +48,12 @@ def test_every_policy_completes_its_requests(cluster, policy):
     # Every engine's bookkeeping is back to zero once the requests are done.
     assert all(e == {"seq": 0, "tok": 0} for e in stats["engines"].values()), stats
     assert set(stats["read_q"].values()) == {0}
-    # Each request left the read queues once its prefill engine reported its read done.
-    assert stats["reads_reported"] == (0 if policy == "oracle" else 8)
+    # Reads leave the read queues as prefill engines report them (each before its prefill
+    # ends, unless the report is overtaken by the prefill's end); the oracle reads nothing.
+    if policy == "oracle":
+        assert stats["reads_reported"] == 0
+    else:
+        assert 0 < stats["reads_reported"] <= 8
     # Requests spread over all four prefill and all four decode GPUs.
     assert len({r["pe"] for r in results}) == 4 and len({r["de"] for r in results}) == 4
     for r in results:
