@@ -17,9 +17,9 @@ Prints the table and writes results/bench-dilation/<timestamp>.json and .md (and
 goes, <timestamp>.partial.json). About 70 to 90 minutes on a 2-core machine.
 
 `--rejudge FILE` reads a finished bench's rows and tells, for other thresholds of kernel
-lateness (and other quantiles of it, from the histograms each run keeps), event-loop lag and
-CPU headroom, whether the verdict would agree with convergence:
-the evidence behind the thresholds in testbed/fidelity.py.
+lateness (and other quantiles of it and its mean, from the histograms each run keeps),
+event-loop lag and CPU headroom, whether the verdict would agree with convergence: the
+evidence behind the thresholds in testbed/fidelity.py.
 """
 
 from __future__ import annotations
@@ -149,7 +149,7 @@ def passes(checks: list[dict], kernel_q: float | str, kernel: float, loop: float
     return all(map(holds, checks))
 
 
-def rejudge(rows: list[dict], *thresholds: float) -> dict:
+def rejudge(rows: list[dict], *thresholds: float | str) -> dict:
     """`judge` of `rows` (already judged: distances known) with the verdict taken again
     at these thresholds (as `passes` takes them)."""
     far_valid = sum(1 for r in rows if not r["within"] and passes(r["checks"], *thresholds))
@@ -158,7 +158,7 @@ def rejudge(rows: list[dict], *thresholds: float) -> dict:
             "agrees": not far_valid and near_invalid <= 1}
 
 
-def repick(pilots: list[dict], *thresholds: float) -> str:
+def repick(pilots: list[dict], *thresholds: float | str) -> str:
     """`auto`'s pick from its stored pilots at these thresholds: the smallest TDF whose
     pilots all pass, with '?' when a policy was not piloted there (auto went on after the
     first that failed)."""

@@ -109,6 +109,15 @@ def test_quantiles_are_within_the_bucket_growth_of_the_truth_and_merge():
     assert Quantiles().quantile(0.99) == 0.0
 
 
+def test_the_weighted_mean_is_within_the_bucket_growth_of_the_truth():
+    lateness = Quantiles()
+    for value, weight in ((0.01, 3.0), (0.1, 1.0), (0.0, 6.0)):
+        lateness.add(value, weight=weight)
+    truth = (0.01 * 3 + 0.1) / 10
+    assert truth / 1.03 <= lateness.mean() <= truth * 1.03
+    assert Quantiles().mean() == 0.0
+
+
 def test_kernel_lateness_and_loop_lag_fail_above_their_thresholds():
     prompt, late = Quantiles(), Quantiles()
     for _ in range(990):
