@@ -31,6 +31,7 @@ from __future__ import annotations
 import itertools
 import threading
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
@@ -128,7 +129,7 @@ def link_check(series: dict[str, list[tuple[float, int, int, int | None]]]) -> C
     """series: per link end, (time, bytes sent, bytes queued, intended rate in bits/s or None
     while it is meant to be down). Judged: the windows backlogged at every sample, each
     within a stretch at one intended rate, and sized for that rate."""
-    judged, slow = 0, []
+    judged, slow = Counter(), []
     for name, samples in series.items():
         for rate, stretch in itertools.groupby(samples, key=lambda s: s[3]):
             if rate is None:
@@ -136,19 +137,22 @@ def link_check(series: dict[str, list[tuple[float, int, int, int | None]]]) -> C
             for w in windows(list(stretch), pace_window(rate)):
                 if any(s[2] == 0 for s in w):
                     continue
-                judged += 1
+                judged[name] += 1
                 seconds, sent = w[-1][0] - w[0][0], w[-1][1] - w[0][1]
                 if sent + GSO_MAX < LINK_PACE_MIN * rate / 8 * seconds:
                     slow.append((8 * sent / seconds / rate, name))
-    if not judged:
+    total = sum(judged.values())
+    if not total:
         return Check("link pace", True, "no link was backlogged for a whole window")
     if not slow:
-        return Check("link pace", True, f"all {judged} backlogged windows at >= "
+        return Check("link pace", True, f"all {total} backlogged windows at >= "
                                         f"{LINK_PACE_MIN:.0%} of the link's rate", 1.0)
     worst, where = min(slow)
+    own = sum(1 for _, name in slow if name == where)
     return Check("link pace", False,
-                 f"{len(slow)} of {judged} backlogged windows below {LINK_PACE_MIN:.0%} "
-                 f"of the link's rate (worst: {where} at {worst:.0%})", worst)
+                 f"{len(slow)} of {total} backlogged windows below {LINK_PACE_MIN:.0%} "
+                 f"of the link's rate (worst: {where} at {worst:.0%}, {own} of its "
+                 f"{judged[where]})", worst)
 
 
 def pace_window(rate: int) -> float:

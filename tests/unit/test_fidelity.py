@@ -55,7 +55,7 @@ def test_a_backlogged_link_at_its_rate_keeps_pace_and_one_at_half_does_not():
                         "st0:stor tx": link_samples(5, 0.5)})
     assert not check.passed
     assert check.figure.startswith("5 of 10 backlogged windows below 95%")
-    assert "worst: st0:stor tx at 50%" in check.figure
+    assert "worst: st0:stor tx at 50%, 5 of its 5)" in check.figure
 
 
 def test_a_link_with_an_empty_queue_a_fault_or_a_rate_change_is_not_judged():
