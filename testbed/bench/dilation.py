@@ -179,8 +179,8 @@ def print_rejudged(path: Path) -> None:
     print("converged from TDF: " + ", ".join(f"{t} {c}" for t, c in converged.items()))
     kept = any(c.get("histograms") for r in rows for c in r["checks"])
     grid = itertools.product((0.9, 0.95, 0.99, "mean") if kept else (QUANTILE,),
-                             (0.005, 0.01, 0.02, 0.03, 0.05, 0.075, 0.09, 0.1, 0.125, 0.15,
-                              0.2, 0.3, 0.5),
+                             (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.03, 0.05, 0.075,
+                              0.09, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5),
                              (0.02, 0.05, 0.1), (0.95, 0.8))
     print(table(["KERNEL LATENESS", "LOOP LAG <=", "CPU WINDOWS >=", "FAR BUT VALID",
                  "WITHIN BUT INVALID", "AGREES", "AUTO WOULD PICK"],
