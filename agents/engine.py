@@ -592,6 +592,7 @@ class PrefillRun:
         if self.oracle or not self.hit:
             return
         t, at = clock.now(), clock.time()
+
         async def load_from(source: ReadSource) -> None:
             await self.engine.exchange(source.load_conn, [
                 protocol.control(MessageType.LOAD, {"geometry": self.geometry.to_json(),
