@@ -6,8 +6,8 @@ fetching prompts would take longer than the same steps of an idle one, a cost of
 not of the emulated cluster. So each kernel's lateness is made up from the kernels after it:
 over a run the GPU is busy for the profile's time, as long as the host keeps up at all.
 
-The make-up hides lateness from the figures, so each kernel's own lateness, as a share of
-its time and before any make-up, goes to `lateness` for the run's fidelity verdict: a host
+The make-up hides lateness from the figures, so each kernel's own lateness, before any
+make-up, goes to `lateness` for the run's fidelity verdict (agents/fidelity.py): a host
 that keeps kernels late is not emulating the cluster, however well the make-up catches up.
 Only what the host adds beyond the timer's own granularity counts.
 Times are emulated seconds (agents/clock.py).
@@ -19,7 +19,7 @@ import asyncio
 import time
 
 from agents.clock import clock
-from agents.fidelity import Quantiles
+from agents.fidelity import KernelLateness
 
 # The most lateness carried forward. A host so loaded that it falls further behind is limiting
 # the run (the fidelity verdict reports that), and catching up more would bunch kernels.
@@ -31,11 +31,11 @@ TIMER_GRANULARITY = 0.001
 
 
 class Gpu:
-    def __init__(self, lateness: Quantiles | None = None):
+    def __init__(self, lateness: KernelLateness | None = None):
         self.lock = asyncio.Lock()
         self.late = 0.0          # seconds the kernels so far ran over their profile time
         self.busy = 0.0          # profile seconds of every kernel run
-        self.lateness = lateness if lateness is not None else Quantiles()
+        self.lateness = lateness if lateness is not None else KernelLateness()
 
     async def run(self, seconds: float) -> None:
         """One kernel of `seconds` (profile time); returns when it has completed."""
@@ -46,6 +46,6 @@ class Gpu:
             overshoot = clock.emulated(time.monotonic() - started) - (seconds - made_up)
             if seconds > 0:
                 beyond_timer = max(0.0, overshoot - clock.emulated(TIMER_GRANULARITY))
-                self.lateness.add(beyond_timer / seconds, weight=seconds + beyond_timer)
+                self.lateness.add(seconds, beyond_timer)
             self.late = min(MAX_MADE_UP_SECONDS, self.late - made_up + max(0.0, overshoot))
             self.busy += seconds

@@ -400,9 +400,10 @@ async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
     silent = sorted(h.name for h in plan.hosts
                     if h.name not in reported and h.name not in cluster.injector.stopped)
     lags["client"] = client_timeliness.loop_lag
-    lateness = Quantiles()
+    lateness = {"windows": Quantiles(), "kernels": Quantiles()}
     for reply in reported.values():
-        lateness.merge(Quantiles.from_json(reply["kernel_lateness"]))
+        for unit, histogram in lateness.items():
+            histogram.merge(Quantiles.from_json(reply["kernel_lateness"][unit]))
     ended = [a for a in agents if a.finished is not None]
     mean_jct = sum(a.finished - a.arrival for a in ended) / max(1, len(ended))
     makespan = max((a.finished for a in ended), default=0.0)

@@ -122,20 +122,32 @@ def bench_scenario(topology: str, agents: int) -> Scenario:
         "policies": POLICIES})
 
 
-def kernel_figure(check: dict, statistic: float | str) -> float | None:
-    """A run's kernel lateness at `statistic` (a quantile, or "mean"), from the stored
-    histogram (runs stored before it was kept have their p99 only)."""
-    if check.get("histograms"):
-        lateness = Quantiles.from_json(check["histograms"]["all"])
-        return lateness.mean() if statistic == "mean" else lateness.quantile(statistic)
-    return check["value"] if statistic == QUANTILE else None
+# The kernel-lateness statistics --rejudge tries: (unit, quantile or "mean"), where the unit
+# is the verdict's 1 s windows or single kernels (agents/fidelity.py, KernelLateness).
+KERNEL_STATISTICS = [("windows", 0.95), ("windows", 0.99), ("windows", "mean"),
+                     ("kernels", 0.95), ("kernels", 0.99), ("kernels", "mean")]
 
 
-def statistic_name(statistic: float | str) -> str:
-    return statistic if statistic == "mean" else f"p{statistic * 100:g}"
+def kernel_figure(check: dict, statistic: tuple[str, float | str]) -> float | None:
+    """A run's kernel lateness at `statistic`, from the stored histograms (runs stored
+    before windows were judged keep single kernels as "all"; before histograms were kept,
+    just their p99)."""
+    unit, q = statistic
+    histograms = check.get("histograms") or {}
+    if unit == "kernels" and "kernels" not in histograms and "all" in histograms:
+        unit = "all"
+    if unit in histograms:
+        lateness = Quantiles.from_json(histograms[unit])
+        return lateness.mean() if q == "mean" else lateness.quantile(q)
+    return check["value"] if statistic == ("kernels", QUANTILE) and not histograms else None
 
 
-def passes(checks: list[dict], kernel_q: float | str, kernel: float, loop: float,
+def statistic_name(statistic: tuple[str, float | str]) -> str:
+    unit, q = statistic
+    return f"{unit} " + (q if q == "mean" else f"p{q * 100:g}")
+
+
+def passes(checks: list[dict], kernel_q: tuple[str, float | str], kernel: float, loop: float,
            cpu: float) -> bool:
     """A run's stored checks judged again at these thresholds (kernel lateness at its
     `kernel_q` statistic); link pace as it was."""
@@ -149,7 +161,7 @@ def passes(checks: list[dict], kernel_q: float | str, kernel: float, loop: float
     return all(map(holds, checks))
 
 
-def rejudge(rows: list[dict], *thresholds: float | str) -> dict:
+def rejudge(rows: list[dict], *thresholds) -> dict:
     """`judge` of `rows` (already judged: distances known) with the verdict taken again
     at these thresholds (as `passes` takes them)."""
     far_valid = sum(1 for r in rows if not r["within"] and passes(r["checks"], *thresholds))
@@ -158,7 +170,7 @@ def rejudge(rows: list[dict], *thresholds: float | str) -> dict:
             "agrees": not far_valid and near_invalid <= 1}
 
 
-def repick(pilots: list[dict], *thresholds: float | str) -> str:
+def repick(pilots: list[dict], *thresholds) -> str:
     """`auto`'s pick from its stored pilots at these thresholds: the smallest TDF whose
     pilots all pass, with '?' when a policy was not piloted there (auto went on after the
     first that failed)."""
@@ -178,7 +190,7 @@ def print_rejudged(path: Path) -> None:
                  for t in sorted({r["topology"] for r in rows})}
     print("converged from TDF: " + ", ".join(f"{t} {c}" for t, c in converged.items()))
     kept = any(c.get("histograms") for r in rows for c in r["checks"])
-    grid = itertools.product((0.9, 0.95, 0.99, "mean") if kept else (QUANTILE,),
+    grid = itertools.product(KERNEL_STATISTICS if kept else [("kernels", QUANTILE)],
                              (0.005, 0.0075, 0.01, 0.0125, 0.015, 0.02, 0.03, 0.05, 0.075,
                               0.09, 0.1, 0.125, 0.15, 0.2, 0.3, 0.5),
                              (0.02, 0.05, 0.1), (0.95, 0.8))

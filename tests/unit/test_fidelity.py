@@ -9,7 +9,7 @@ import time
 
 import pytest
 
-from agents.fidelity import Quantiles, Timeliness
+from agents.fidelity import KERNEL_WINDOW, KernelLateness, Quantiles, Timeliness
 from agents.gpu import Gpu
 from testbed.fidelity import (KERNEL_LATENESS_MAX, LOOP_LAG_MAX, Verdict, cpu_check,
                               kernel_check, link_check, loop_check, pace_window, windows)
@@ -168,8 +168,8 @@ def test_a_stall_counts_for_its_whole_length_in_the_loop_lag():
 
 def test_a_late_kernel_weighs_the_time_it_took():
     """A hundred 2 ms kernels on time and one 2 ms kernel 0.3 s late: by count it is 1%, by
-    GPU time most of it, and the p99 is its lateness."""
-    async def kernels() -> Quantiles:
+    GPU time most of it, and the p99 is its lateness; its window is late as a whole."""
+    async def kernels() -> KernelLateness:
         gpu = Gpu()
         for _ in range(100):
             await gpu.run(0.002)
@@ -178,8 +178,32 @@ def test_a_late_kernel_weighs_the_time_it_took():
         stall.cancel()
         return gpu.lateness
     lateness = asyncio.run(kernels())
-    assert lateness.quantile(0.99) > 50          # 0.3 s late on a 2 ms kernel: 150 times
-    assert not kernel_check(lateness).passed
+    assert lateness.kernels.quantile(0.99) > 50          # 0.3 s late on a 2 ms kernel: 150 times
+    lateness.close_window()
+    assert lateness.windows.quantile(0.99) > 1           # 0.3 s late over 0.2 s of kernels
+    assert not kernel_check(lateness.windows, lateness.kernels).passed
+
+
+def test_a_gap_in_a_window_of_kernels_is_its_share_of_the_window():
+    """A vCPU that stops for 8 ms makes a 1 ms kernel 8 times late, yet over a second of
+    kernels it is under 1%: the windows pass where single kernels would fail. A host that
+    keeps every kernel 20% late fails either way."""
+    gap, steady = KernelLateness(), KernelLateness()
+    kernels = int(3 * KERNEL_WINDOW / 0.001)
+    for i in range(kernels):
+        gap.add(0.001, 0.008 if i % 1000 == 500 else 0.0)
+        steady.add(0.001, 0.0002)
+    started = time.monotonic()
+    while time.monotonic() - started < KERNEL_WINDOW:    # the window closes in wall time
+        time.sleep(0.05)
+    gap.add(0.001, 0.0)
+    steady.add(0.001, 0.0002)
+    assert gap.kernels.quantile(0.999) > 5
+    assert gap.windows.quantile(0.99) < 0.01
+    assert kernel_check(gap.windows, gap.kernels).passed
+    assert not kernel_check(steady.windows, steady.kernels).passed
+    reply = gap.report(reset=True)
+    assert Quantiles.from_json(reply["windows"]).count > 0 and not gap.windows.count
 
 
 def test_the_verdict_names_each_failed_invariant_with_its_figure():
@@ -198,8 +222,10 @@ def test_a_check_keeps_the_histograms_its_figure_was_read_from():
     for i in range(1, 1001):
         lateness.add(i / 1000, weight=0.5)
         lag.add(i / 100_000)
-    kept = Quantiles.from_json(kernel_check(lateness).histograms["all"])
-    assert kept.quantile(0.99) == kernel_check(lateness).value
+    check = kernel_check(lateness, Quantiles().merge(lateness))
+    kept = Quantiles.from_json(check.histograms["windows"])
+    assert kept.quantile(0.99) == check.value
     assert kept.quantile(0.9) == lateness.quantile(0.9) < kept.quantile(0.99)
+    assert Quantiles.from_json(check.histograms["kernels"]).quantile(0.99) == check.value
     check = loop_check({"n0": lag}, [])
     assert Quantiles.from_json(check.histograms["n0"]).quantile(0.99) == check.value
