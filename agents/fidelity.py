@@ -76,12 +76,12 @@ class KernelLateness:
     share of their profile time: per kernel, and per KERNEL_WINDOW of the host's time, each
     weighted by the GPU time it covers (lateness included).
 
-    The verdict judges the windows. This host is a virtual machine whose vCPUs stop for a
-    few ms now and then even when it is idle (an asyncio sleep's p99 is 3-4 ms late on an
+    The verdict judges single kernels. This host is a virtual machine whose vCPUs stop for
+    a few ms now and then even when it is idle (an asyncio sleep's p99 is 3-4 ms late on an
     idle host, where a busy loop sees gaps of up to 8 ms); one such gap makes a 1 ms kernel
-    several times late, so a tail of single kernels measures the hypervisor, not the load.
-    Over a window a gap is a small share, while a host that keeps kernels late for a second
-    shows in full. `kernels` is kept for the record (make bench-dilation --rejudge)."""
+    several times late, so a tail of single kernels is noisy. Over a window a gap is a small
+    share, but so is the short lateness of a host only just too slow: make bench-dilation
+    found the windows no better a judge, and keeps both for --rejudge."""
 
     def __init__(self):
         self.kernels = Quantiles()

@@ -11,14 +11,13 @@ sampled at SAMPLE_HZ while the workload runs:
                       slow dilated rates), its HTB root sends at least LINK_PACE_MIN of the
                       rate it was given, give or take the one segment in flight: a link that
                       does not keep pace is slowed by the host, not by its shaping
-  kernel lateness     how late emulated GPU kernels end, before any make-up (agents/gpu.py),
-                      as a share of their time, taken over each engine's 1 s windows of
-                      kernels (agents/fidelity.py, KernelLateness): the 99th percentile is
-                      at most KERNEL_LATENESS_MAX; the percentile is of GPU time (each window
-                      weighs the GPU time in it, lateness included), so 99% of the GPU's time
-                      ran in windows that late at most. Single kernels are not judged: the
-                      host is a VM whose vCPUs stop for ms even when idle, which makes a
-                      1 ms kernel many times late however light the load
+  kernel lateness     the 99th percentile of how late an emulated GPU kernel ends, before
+                      any make-up (agents/gpu.py), as a share of the kernel's time, is at
+                      most KERNEL_LATENESS_MAX; the percentile is of GPU time (each kernel
+                      weighs the time it took, lateness included), so 99% of the GPU's time
+                      ran in kernels that late at most. Lateness over 1 s windows of each
+                      engine's kernels is kept beside it (agents/fidelity.py,
+                      KernelLateness): make bench-dilation found it no better a judge
   event-loop lag      every agent's (and the client's) 99th-percentile event-loop lag is at
                       most LOOP_LAG_MAX emulated seconds, over time (each probe weighs the
                       time it slept, so a long stall counts for its whole length); an agent
@@ -52,7 +51,7 @@ LINK_PACE_MIN = 0.95
 # HTB sends whole segments of up to GSO_MAX bytes, so a window's byte count is off by up to
 # one: a window holds at least this many, so that one is a small share of it.
 PACE_SEGMENTS = 20
-KERNEL_LATENESS_MAX = 0.05     # the starting point, to be set by make bench-dilation
+KERNEL_LATENESS_MAX = 0.09     # set by make bench-dilation: see the README
 LOOP_LAG_MAX = 0.020
 QUANTILE = 0.99
 
@@ -163,17 +162,17 @@ def pace_window(rate: int) -> float:
     return max(WINDOW_SECONDS, PACE_SEGMENTS * GSO_MAX * 8 / rate)
 
 
-def kernel_check(windows: Quantiles, kernels: Quantiles | None = None) -> Check:
-    """Judged on `windows`; `kernels` (single kernels) is kept beside it for the record."""
-    if not windows.count:
+def kernel_check(kernels: Quantiles, windows: Quantiles | None = None) -> Check:
+    """Judged on single `kernels`; `windows` is kept beside it for the record."""
+    if not kernels.count:
         return Check("kernel lateness", True, "no emulated kernel ran")
-    p99 = windows.quantile(QUANTILE)
-    histograms = {"windows": windows.to_json()}
-    if kernels is not None:
-        histograms["kernels"] = kernels.to_json()
+    p99 = kernels.quantile(QUANTILE)
+    histograms = {"kernels": kernels.to_json()}
+    if windows is not None:
+        histograms["windows"] = windows.to_json()
     return Check("kernel lateness", p99 <= KERNEL_LATENESS_MAX,
-                 f"p99 {p99:.1%} of the kernels' time over 1 s windows, of {windows.count:.1f} s "
-                 f"of GPU time (needs <= {KERNEL_LATENESS_MAX:.0%})", p99, histograms)
+                 f"p99 {p99:.1%} of the kernel's time, over {kernels.count:.1f} s of GPU time "
+                 f"(needs <= {KERNEL_LATENESS_MAX:.0%})", p99, histograms)
 
 
 def loop_check(lags: dict[str, Quantiles], silent: list[str]) -> Check:
@@ -291,5 +290,5 @@ class FidelityWatch:
         `silent`: the agents that did not report their measures (and no fault stopped)."""
         links = {name: self._during(samples) for name, samples in self.links.items()}
         return Verdict([cpu_check(self._during(self.cpu)), link_check(links),
-                        kernel_check(kernel_lateness["windows"], kernel_lateness["kernels"]),
+                        kernel_check(kernel_lateness["kernels"], kernel_lateness["windows"]),
                         loop_check(loop_lags, silent)])

@@ -181,13 +181,12 @@ def test_a_late_kernel_weighs_the_time_it_took():
     assert lateness.kernels.quantile(0.99) > 50          # 0.3 s late on a 2 ms kernel: 150 times
     lateness.close_window()
     assert lateness.windows.quantile(0.99) > 1           # 0.3 s late over 0.2 s of kernels
-    assert not kernel_check(lateness.windows, lateness.kernels).passed
+    assert not kernel_check(lateness.kernels, lateness.windows).passed
 
 
 def test_a_gap_in_a_window_of_kernels_is_its_share_of_the_window():
     """A vCPU that stops for 8 ms makes a 1 ms kernel 8 times late, yet over a second of
-    kernels it is under 1%: the windows pass where single kernels would fail. A host that
-    keeps every kernel 20% late fails either way."""
+    kernels it is under 1%; a host that keeps every kernel 20% late shows 20% either way."""
     gap, steady = KernelLateness(), KernelLateness()
     kernels = int(3 * KERNEL_WINDOW / 0.001)
     for i in range(kernels):
@@ -200,8 +199,8 @@ def test_a_gap_in_a_window_of_kernels_is_its_share_of_the_window():
     steady.add(0.001, 0.0002)
     assert gap.kernels.quantile(0.999) > 5
     assert gap.windows.quantile(0.99) < 0.01
-    assert kernel_check(gap.windows, gap.kernels).passed
-    assert not kernel_check(steady.windows, steady.kernels).passed
+    assert 0.19 < steady.windows.quantile(0.99) < 0.21
+    assert not kernel_check(steady.kernels, steady.windows).passed
     reply = gap.report(reset=True)
     assert Quantiles.from_json(reply["windows"]).count > 0 and not gap.windows.count
 
@@ -223,9 +222,9 @@ def test_a_check_keeps_the_histograms_its_figure_was_read_from():
         lateness.add(i / 1000, weight=0.5)
         lag.add(i / 100_000)
     check = kernel_check(lateness, Quantiles().merge(lateness))
-    kept = Quantiles.from_json(check.histograms["windows"])
+    kept = Quantiles.from_json(check.histograms["kernels"])
     assert kept.quantile(0.99) == check.value
     assert kept.quantile(0.9) == lateness.quantile(0.9) < kept.quantile(0.99)
-    assert Quantiles.from_json(check.histograms["kernels"]).quantile(0.99) == check.value
+    assert Quantiles.from_json(check.histograms["windows"]).quantile(0.99) == check.value
     check = loop_check({"n0": lag}, [])
     assert Quantiles.from_json(check.histograms["n0"]).quantile(0.99) == check.value
