@@ -123,14 +123,15 @@ def bench_scenario(topology: str, agents: int) -> Scenario:
 
 
 # The kernel-lateness statistics --rejudge tries: (unit, quantile or "mean"), where the unit
-# is the verdict's 1 s windows or single kernels (agents/fidelity.py, KernelLateness).
+# is single kernels (what the verdict judges) or 1 s windows of them (agents/fidelity.py,
+# KernelLateness).
 KERNEL_STATISTICS = [("windows", 0.95), ("windows", 0.99), ("windows", "mean"),
                      ("kernels", 0.95), ("kernels", 0.99), ("kernels", "mean")]
 
 
 def kernel_figure(check: dict, statistic: tuple[str, float | str]) -> float | None:
     """A run's kernel lateness at `statistic`, from the stored histograms (runs stored
-    before windows were judged keep single kernels as "all"; before histograms were kept,
+    before windows were kept have single kernels as "all"; before histograms were kept,
     just their p99)."""
     unit, q = statistic
     histograms = check.get("histograms") or {}
