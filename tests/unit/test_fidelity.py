@@ -50,22 +50,32 @@ def test_cpu_headroom_holds_with_one_busy_window_in_twenty_and_fails_with_two():
 
 
 def test_a_backlogged_link_at_its_rate_keeps_pace_and_one_at_half_does_not():
-    assert link_check({"n0:snic rx": link_samples(5, 1.0)}).passed
-    check = link_check({"n0:snic rx": link_samples(5, 1.0),
-                        "st0:stor tx": link_samples(5, 0.5)})
+    assert link_check({"n0:snic rx": link_samples(10, 1.0)}).passed
+    check = link_check({"n0:snic rx": link_samples(10, 1.0),
+                        "st0:stor tx": link_samples(10, 0.5)})
     assert not check.passed
     assert check.figure.startswith("5 of 10 backlogged windows below 95%")
     assert "worst: st0:stor tx at 50%, 5 of its 5)" in check.figure
 
 
 def test_a_link_with_an_empty_queue_a_fault_or_a_rate_change_is_not_judged():
-    idle = link_samples(5, 0.1, queued=0)                  # slow because nothing to send
-    down = link_samples(5, 0.0, rate=None)                 # taken down by a fault
-    changing = link_samples(5, 0.5)
+    idle = link_samples(10, 0.1, queued=0)                 # slow because nothing to send
+    down = link_samples(10, 0.0, rate=None)                # taken down by a fault
+    changing = link_samples(10, 0.5)
     changing = [s if s[0] < 0.55 else s[:3] + (RATE // 2,) for s in changing]
     check = link_check({"a": idle, "b": down, "c": changing})
-    # c's first window spans the change; from then on it keeps its new rate
+    # c's half second before the change is too short to judge; after it, c keeps its new rate
     assert check.passed and "all 4 backlogged" in check.figure
+
+
+def test_a_link_busy_in_bursts_is_not_taken_for_backlogged_by_ten_samples_in_a_row():
+    """A link busy 70% of the time shows a backlog at ten samples running now and then
+    (2.8% of the time): a window spans twenty, so it is judged only if backlogged at all."""
+    bursty = link_samples(2, 0.7)
+    bursty = [s if i <= 10 or i % 5 else s[:2] + (0,) + s[3:] for i, s in enumerate(bursty)]
+    assert link_check({"n0g0:cnic tx": bursty}).figure == \
+        "no link was backlogged for a whole window"
+    assert not link_check({"n0g0:cnic tx": link_samples(2, 0.7)}).passed
 
 
 def test_a_link_slowed_by_a_fault_is_judged_at_its_new_rate_over_windows_sized_for_it():
@@ -84,7 +94,7 @@ def test_at_a_slow_rate_windows_lengthen_and_one_segment_in_flight_is_not_slowne
     just before one leaves. Windows then span 20 segments, and one segment short passes."""
     rate = 3_000_000
     window = 20 * 65536 * 8 / rate
-    assert pace_window(rate) == pytest.approx(window) and pace_window(RATE * 100) == 1.0
+    assert pace_window(rate) == pytest.approx(window) and pace_window(RATE * 100) == 2.0
     samples = [(t / 10, (int(t / 10 * rate / 8) // 65536) * 65536, 65536, rate)
                for t in range(0, 301)]                # sent in whole segments, at the rate
     check = link_check({"n0:snic rx": samples})
