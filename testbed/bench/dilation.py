@@ -28,6 +28,7 @@ import argparse
 import itertools
 import json
 import time
+from collections import Counter
 from pathlib import Path
 
 from agents.fidelity import Quantiles
@@ -173,13 +174,15 @@ def rejudge(rows: list[dict], *thresholds) -> dict:
 
 def repick(pilots: list[dict], *thresholds) -> str:
     """`auto`'s pick from its stored pilots at these thresholds: the smallest TDF whose
-    pilots all pass, with '?' when a policy was not piloted there (auto went on after the
-    first that failed)."""
-    wanted = set(dilations.pilot_policies(POLICIES))
+    pilots all pass, with '?' when a policy was not piloted there as often as auto pilots
+    (auto went on after the first that failed)."""
+    wanted = dilations.pilot_policies(POLICIES)
     for tdf in sorted({p["tdf"] for p in pilots}):
         at = [p for p in pilots if p["tdf"] == tdf]
         if all(passes(p["checks"], *thresholds) for p in at):
-            return f"{tdf:g}" + ("" if {p["policy"] for p in at} >= wanted else "?")
+            piloted = Counter(p["policy"] for p in at)
+            whole = all(piloted[policy] >= dilations.PILOT_ROUNDS for policy in wanted)
+            return f"{tdf:g}" + ("" if whole else "?")
     return "none"
 
 

@@ -14,13 +14,15 @@ TOPOLOGY = REPO / "topologies" / "1p2d-g2.yaml"
 POLICIES = ["basic", "dualpath", "oracle"]
 
 
-def pilots_from(valid_at: dict[str, float]):
-    """A pilot whose run is VALID from the given TDF on, per policy; records each call."""
+def pilots_from(valid_at: dict[str, float], lucky: dict[str, float] | None = None):
+    """A pilot whose run is VALID from the given TDF on, per policy, and at the `lucky` TDF
+    on its first try alone; records each call."""
     calls: list[tuple[str, float]] = []
 
     def pilot(policy: str, tdf: float) -> dict:
+        first = (policy, tdf) not in calls
         calls.append((policy, tdf))
-        valid = tdf >= valid_at[policy]
+        valid = tdf >= valid_at[policy] or (first and (lucky or {}).get(policy) == tdf)
         summary = "VALID" if valid else f"INVALID: kernel lateness at TDF {tdf:g}"
         return {"fidelity": {"valid": valid, "summary": summary}}
     return pilot, calls
@@ -31,17 +33,26 @@ def test_auto_picks_the_smallest_tdf_at_which_every_kv_moving_policy_is_valid():
     tdf, why = pick(TOPOLOGY, POLICIES, pilot)
     assert tdf == 4
     # oracle moves no KV and is never piloted beside policies that do; a TDF stops at the
-    # first INVALID pilot
+    # first INVALID pilot, and the one picked passed every pilot twice
     assert calls == [("basic", 1), ("basic", 2), ("dualpath", 2), ("basic", 4),
-                     ("dualpath", 4)]
+                     ("dualpath", 4), ("basic", 4), ("dualpath", 4)]
     assert why.startswith("auto: TDF 4 for 1p2d-g2 (")
     assert "TDF 1 basic INVALID" in why and "TDF 2 dualpath INVALID" in why
+    assert why.endswith("TDF 4 VALID in 2 pilots each)")
+
+
+def test_a_tdf_that_passes_one_pilot_by_luck_fails_the_second_and_is_not_picked():
+    pilot, calls = pilots_from({"basic": 2, "dualpath": 8}, lucky={"dualpath": 4})
+    tdf, why = pick(TOPOLOGY, POLICIES, pilot)
+    assert tdf == 8
+    assert calls.count(("dualpath", 4)) == 2
+    assert "TDF 4 dualpath (pilot 2 of 2) INVALID" in why
 
 
 def test_oracle_alone_is_piloted():
     pilot, calls = pilots_from({"oracle": 2})
     assert pick(TOPOLOGY, ["oracle"], pilot)[0] == 2
-    assert calls == [("oracle", 1), ("oracle", 2)]
+    assert calls == [("oracle", 1), ("oracle", 2), ("oracle", 2)]
 
 
 def test_with_no_valid_pilot_auto_takes_the_largest_tdf_and_says_so():
