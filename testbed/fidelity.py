@@ -6,7 +6,7 @@ sampled at SAMPLE_HZ while the workload runs:
 
   host CPU headroom   the host's CPU idle share is at least CPU_IDLE_MIN in at least
                       CPU_WINDOWS_MIN of the 1 s windows
-  link pace           while a shaped link is backlogged throughout a window (PACE_WINDOW, or
+  link pace           while a shaped link is backlogged throughout a window (PACE_SAMPLES, or
                       long enough for PACE_SEGMENTS of the largest segment a veth hands HTB,
                       at slow dilated rates), its HTB root sends at least LINK_PACE_MIN of the
                       rate it was given, give or take the one segment in flight: a link that
@@ -52,7 +52,7 @@ LINK_PACE_MIN = 0.95
 # backlog at all n samples of a window with probability b**n. At 10 samples a link busy 70%
 # of the time passes for backlogged in 2.8% of windows, and its 70% for slowness (ablation's
 # prefill CNIC, sending a layer's KV in bursts: 5 of 178 windows at 71%); at 20, in 0.08%.
-PACE_WINDOW = 2.0
+PACE_SAMPLES = 20
 # HTB sends whole segments of up to GSO_MAX bytes, so a window's byte count is off by up to
 # one: a window holds at least this many, so that one is a small share of it.
 PACE_SEGMENTS = 20
@@ -163,8 +163,8 @@ def link_check(series: dict[str, list[tuple[float, int, int, int | None]]]) -> C
 
 
 def pace_window(rate: int) -> float:
-    """Seconds of a link-pace window at `rate` bits/s: PACE_WINDOW, or PACE_SEGMENTS segments."""
-    return max(PACE_WINDOW, PACE_SEGMENTS * GSO_MAX * 8 / rate)
+    """Seconds of a link-pace window at `rate` bits/s: PACE_SAMPLES, or PACE_SEGMENTS segments."""
+    return max(PACE_SAMPLES / SAMPLE_HZ, PACE_SEGMENTS * GSO_MAX * 8 / rate)
 
 
 def kernel_check(kernels: Quantiles, windows: Quantiles | None = None) -> Check:

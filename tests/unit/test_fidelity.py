@@ -72,6 +72,7 @@ def test_a_link_busy_in_bursts_is_not_taken_for_backlogged_by_ten_samples_in_a_r
     """A link busy 70% of the time shows a backlog at ten samples running now and then
     (2.8% of the time): a window spans twenty, so it is judged only if backlogged at all."""
     bursty = link_samples(2, 0.7)
+    # backlogged at the first eleven samples, empty at every fifth one after
     bursty = [s if i <= 10 or i % 5 else s[:2] + (0,) + s[3:] for i, s in enumerate(bursty)]
     assert link_check({"n0g0:cnic tx": bursty}).figure == \
         "no link was backlogged for a whole window"
