@@ -676,7 +676,7 @@ def topology_dilation(scenario: Scenario, topology: str,
     def pilot(policy: str, tdf: float) -> dict:
         return run_policy(scenario, topology, policy, heaviest, None, tdf,
                           horizon=dilations.PILOT_SECONDS)
-    tdf, why = dilations.resolve(REPO / topology, dilation, scenario.time_dilation,
+    tdf, why = dilations.resolve(REPO / topology, dilation, scenario.dilation_of(topology),
                                  scenario.policies, pilot)
     print(f"{topology_name(topology)}: {why}", flush=True)
     return tdf, why

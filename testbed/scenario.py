@@ -16,7 +16,8 @@
     chaos: {seed: 7, every: 20, repair: 8}   # optional: random faults of every kind
     time_dilation: auto                  # optional: a number >= 1, or auto (pilot runs pick
                                          # the smallest TDF with VALID runs); default: the
-                                         # topology's, else 1
+                                         # topology's, else 1. Or per topology name:
+                                         # {1p2d-g2: 8, 2p1d-g2: 16} (one left out: its own)
 
 Any problem is reported as one line naming the file, the field, the value and what was
 expected, as for topologies.
@@ -25,14 +26,14 @@ expected, as for topologies.
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import BeforeValidator, Field, ValidationError, field_validator, model_validator
 
 from testbed.errors import TestbedError
 from testbed.faults import ChaosSpec, FaultSpec, check_target
 from testbed.plan import build_plan
-from testbed.topology import (Dilation, Spec, load_topology, read_yaml, require_mapping,
+from testbed.topology import (Spec, load_topology, parse_dilation, read_yaml, require_mapping,
                               validation_message)
 
 REPO = Path(__file__).resolve().parent.parent
@@ -126,6 +127,22 @@ class PaperFigures(Spec):
                                          description="online: DualPath over basic capacity")
 
 
+def parse_dilations(value: object) -> float | str | dict[str, float | str] | None:
+    """A scenario's time_dilation: unset, one TDF for every topology, or one per topology
+    name (`parse_dilation` for each)."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        return parse_dilation(value)
+    parsed = {}
+    for name, dilation in value.items():
+        try:
+            parsed[str(name)] = parse_dilation(dilation)
+        except ValueError as exc:
+            raise ValueError(f"{name}: got {dilation!r}, {exc}") from None
+    return parsed
+
+
 class Scenario(Spec):
     name: str = Field(pattern=r"^[a-z0-9][a-z0-9-]{0,63}$")
     description: str = ""
@@ -136,9 +153,11 @@ class Scenario(Spec):
     paper: PaperFigures | None = None
     faults: list[FaultSpec] = Field(default_factory=list)
     chaos: ChaosSpec | None = None
-    time_dilation: Dilation | None = Field(
-        default=None, description="a number >= 1 or 'auto' for every topology; unset: each "
-                                  "topology's own (agents/clock.py, testbed/dilation.py)")
+    time_dilation: Annotated[float | str | dict[str, float | str] | None,
+                             BeforeValidator(parse_dilations)] = Field(
+        default=None, description="a number >= 1 or 'auto' for every topology, or one per "
+                                  "topology name; unset: each topology's own "
+                                  "(agents/clock.py, testbed/dilation.py)")
 
     @field_validator("topologies")
     @classmethod
@@ -150,6 +169,23 @@ class Scenario(Spec):
         if len(set(map(topology_name, value))) < len(value):
             raise ValueError("expected topologies with distinct file names")
         return value
+
+    @model_validator(mode="after")
+    def dilations_name_topologies(self) -> "Scenario":
+        if isinstance(self.time_dilation, dict):
+            names = [topology_name(t) for t in self.topologies]
+            for name in self.time_dilation:
+                if name not in names:
+                    raise ValueError(f"time_dilation: got {name!r}, expected one of this "
+                                     f"scenario's topology names: {', '.join(names)}")
+        return self
+
+    def dilation_of(self, topology: str) -> float | str | None:
+        """The TDF this scenario asks for `topology` (a path): a number, 'auto', or None
+        to leave it to the topology file."""
+        if isinstance(self.time_dilation, dict):
+            return self.time_dilation.get(topology_name(topology))
+        return self.time_dilation
 
 
 def topology_name(path: str) -> str:
@@ -181,8 +217,9 @@ def load_scenario(name_or_path: str) -> Scenario:
         scenario = Scenario.model_validate(data)
     except ValidationError as exc:
         raise TestbedError(f"{path}: {validation_message(exc, Scenario)}") from None
-    if isinstance(scenario.time_dilation, float):
-        check_dilation(scenario.time_dilation, scenario.topologies, f"{path}: time_dilation")
+    for topology in scenario.topologies:
+        if isinstance(dilation := scenario.dilation_of(topology), float):
+            check_dilation(dilation, [topology], f"{path}: time_dilation")
     for topology in scenario.topologies if scenario.faults else ():
         plan = build_plan(load_topology(REPO / topology).buildable())
         for i, fault in enumerate(scenario.faults):

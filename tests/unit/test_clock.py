@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from pathlib import Path
 
 import pytest
 import yaml
@@ -154,3 +155,33 @@ def test_a_bad_time_dilation_on_the_command_line_is_one_line(capsys, bad):
 def test_a_fabric_by_hand_takes_a_number_not_auto(capsys):
     assert cli.main(["fabric", "up", str(TOPOLOGY), "--time-dilation", "auto"]) == 2
     assert "expected a number >= 1 for a fabric brought up by hand" in capsys.readouterr().err
+
+
+def _scenario_with(tmp_path, dilation) -> Path:
+    path = tmp_path / "s.yaml"
+    path.write_text(yaml.safe_dump({
+        "topologies": ["topologies/1p1d-g2.yaml", "topologies/2p1d-g2.yaml"],
+        "model": "ds-27b", "workload": {"agents": 2}, "policies": ["basic"],
+        "time_dilation": dilation}))
+    return path
+
+
+def test_a_scenario_gives_each_topology_its_own_dilation(tmp_path):
+    scenario = load_scenario(str(_scenario_with(tmp_path, {"2p1d-g2": 16, "1p1d-g2": "auto"})))
+    assert scenario.dilation_of("topologies/2p1d-g2.yaml") == 16.0
+    assert scenario.dilation_of("topologies/1p1d-g2.yaml") == "auto"
+    scenario = load_scenario(str(_scenario_with(tmp_path, {"2p1d-g2": 16})))
+    assert scenario.dilation_of("topologies/1p1d-g2.yaml") is None    # the topology's own
+
+
+@pytest.mark.parametrize("dilation, shown", [
+    ({"2p1d-g2": 0.5}, "time_dilation: 2p1d-g2: got 0.5, expected a number >= 1"),
+    ({"2p1d-g2": "fast"}, "time_dilation: 2p1d-g2: got 'fast', expected a number >= 1"),
+    ({"3p1d-g2": 4}, "time_dilation: got '3p1d-g2', expected one of this scenario's topology "
+                     "names: 1p1d-g2, 2p1d-g2"),
+    ({"2p1d-g2": 100}, "time_dilation: 100 does not fit topologies/2p1d-g2.yaml")])
+def test_a_bad_dilation_by_topology_is_one_line(tmp_path, dilation, shown):
+    with pytest.raises(errors.TestbedError) as error:
+        load_scenario(str(_scenario_with(tmp_path, dilation)))
+    assert "\n" not in str(error.value)
+    assert shown in str(error.value)
