@@ -323,8 +323,16 @@ class EngineAgent(Agent):
             self.work.pop(queued.request, None)
 
     async def prefill_loop(self) -> None:
-        """Forward batches, one at a time, FIFO, while requests wait."""
+        """Forward batches, one at a time, FIFO, while requests wait. A batch holds requests
+        whose KV is available (paper §5.5: the batcher counts a request's tokens "whose KV is
+        already available"): it starts once the head's load is done, with the requests behind
+        it that have loaded too, so the GPU does not idle while the SNICs fill a whole batch."""
         while self.prefill_queue:
+            first = self.prefill_queue[0]
+            first.start_loading()
+            await asyncio.wait([first.loading])
+            if not self.prefill_queue or self.prefill_queue[0] is not first:
+                continue        # abandoned while it loaded
             batch = [self.prefill_queue.popleft()]
             budget = PREFILL_QUOTA_SECONDS - batch[0].attention_seconds
             while self.prefill_queue:
@@ -333,6 +341,8 @@ class EngineAgent(Agent):
                     break       # one model per forward pass
                 if head.layerwise != batch[0].layerwise or head.attention_seconds > budget:
                     break
+                if head.loading is None or not head.loading.done():
+                    break       # FIFO: the batch ends at the first request still loading
                 budget -= head.attention_seconds
                 batch.append(self.prefill_queue.popleft())
             self.prefetch()
