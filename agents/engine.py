@@ -328,7 +328,7 @@ class EngineAgent(Agent):
         already available"): it starts once the head's load is done, with the requests behind
         it that have loaded too, so the GPU does not idle while the SNICs fill a whole batch."""
         while self.prefill_queue:
-            first = self.prefill_queue[0]
+            first, waiting_since = self.prefill_queue[0], clock.now()
             first.start_loading()
             await asyncio.wait([first.loading])
             if not self.prefill_queue or self.prefill_queue[0] is not first:
@@ -346,7 +346,7 @@ class EngineAgent(Agent):
                 budget -= head.attention_seconds
                 batch.append(self.prefill_queue.popleft())
             self.prefetch()
-            self.running_batch = PrefillBatch(self, batch)
+            self.running_batch = PrefillBatch(self, batch, waiting_since)
             try:
                 await self.running_batch.run()
             except Exception as exc:   # a bug, not a request's failure: fail the batch loudly
@@ -701,18 +701,19 @@ class PrefillBatch:
     one all-to-all carrying all their tokens. A request that fails leaves the batch; the
     others go on."""
 
-    def __init__(self, engine: EngineAgent, runs: list[PrefillRun]):
+    def __init__(self, engine: EngineAgent, runs: list[PrefillRun], waiting_since: float):
         self.engine, self.runs = engine, runs
         self.layers = runs[0].geometry.layers
+        self.waiting_since = waiting_since      # when the GPU began to wait for the head's load
 
     async def run(self) -> None:
         self.engine.counters["prefill_batches"] += 1
         self.engine.counters["prefill_requests"] += len(self.runs)
-        t = clock.now()
-        for member in self.runs:
-            member.timings["queue"] = t - member.started       # waiting for its batch
         await self.each(PrefillRun.loaded)
-        self.charge("load_wait", clock.now() - t)         # the batch waits for loads
+        loaded = clock.now()
+        for member in self.runs:    # waiting for its batch, then for the head's load
+            member.timings["queue"] = max(0.0, self.waiting_since - member.started)
+            member.timings["load_wait"] = loaded - max(self.waiting_since, member.started)
         if self.runs and self.runs[0].layerwise:
             await self.layerwise()
         elif self.runs:

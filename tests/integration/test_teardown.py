@@ -125,9 +125,12 @@ def start_scenario(tmp_path, wait_for: str) -> tuple[subprocess.Popen, Path]:
     scenario.write_text(SCENARIO)
     log = tmp_path / "run.log"
     with open(log, "w") as out:
+        # As from a terminal: a shell starts background jobs with SIGINT ignored, and a
+        # child that inherits that would never see the Ctrl-C these tests send.
         proc = subprocess.Popen([sys.executable, "-m", "testbed", "scenario", "run",
                                  str(scenario)], cwd=tmp_path, stdout=out,
-                                stderr=subprocess.STDOUT)
+                                stderr=subprocess.STDOUT,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + UP_TIMEOUT
     while wait_for not in log.read_text():
         assert proc.poll() is None, log.read_text()
