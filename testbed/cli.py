@@ -10,25 +10,9 @@ import sys
 import time
 
 from testbed.errors import TestbedError
+from testbed.interrupts import Stop, raise_stop, run_interruptible
 
 DETACH_TIMEOUT_SECONDS = 600
-
-
-class Stop(BaseException):
-    """SIGTERM or SIGHUP, raised where the process is, like KeyboardInterrupt for SIGINT."""
-
-
-_OWNER_PID = os.getpid()
-
-
-def _raise_stop(signum, _frame):
-    # Libraries fork helpers (pyroute2 makes one per namespace it enters) that inherit this
-    # handler; a helper told to stop must just exit, not tear down its parent's fabric.
-    if os.getpid() != _OWNER_PID:
-        os._exit(0)
-    if signum == signal.SIGINT:
-        raise KeyboardInterrupt
-    raise Stop(signal.Signals(signum).name)
 
 
 def cmd_image_build(args: argparse.Namespace) -> int:
@@ -88,9 +72,9 @@ def cmd_fabric_up(args: argparse.Namespace) -> int:
     # Teardown must run however this process is asked to stop. A detached owner leads its
     # own session, so the first host pty it opens becomes its controlling terminal and
     # sends it SIGHUP when that shell ends: there, SIGHUP means nothing.
-    signal.signal(signal.SIGINT, _raise_stop)
-    signal.signal(signal.SIGTERM, _raise_stop)
-    signal.signal(signal.SIGHUP, signal.SIG_IGN if args.owner else _raise_stop)
+    signal.signal(signal.SIGINT, raise_stop)
+    signal.signal(signal.SIGTERM, raise_stop)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN if args.owner else raise_stop)
     fabric = Fabric(plan, os.path.abspath(args.topology),
                     progress=lambda line: print(line, flush=True))
     hosts = len(plan.hosts)
@@ -278,15 +262,10 @@ def _scenario_runs(name: str, runs) -> int:
     if fabric_running():
         raise TestbedError("a fabric is up: a scenario brings up its own; "
                            "`testbed fabric down` first")
-    signal.signal(signal.SIGTERM, _raise_stop)
     try:
-        runs()
-    except (KeyboardInterrupt, Stop):
-        print("\nscenario interrupted; its cluster was torn down", file=sys.stderr)
-        return 130
+        return run_interruptible("scenario", runs)
     except (OSError, RuntimeError) as exc:
         raise TestbedError(f"scenario {name} failed: {exc}") from None
-    return 0
 
 
 def cmd_fault(args: argparse.Namespace) -> int:

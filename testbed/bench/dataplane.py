@@ -21,6 +21,7 @@ from testbed import counters
 from testbed.agentset import RunningCluster
 from testbed.bench import REPO, save
 from testbed.cpuwatch import CpuWatch
+from testbed.interrupts import run_interruptible
 from testbed.iperf import measure
 from testbed.report import table
 from testbed.request import RequestSpec, decode, prefill, prepare, seed
@@ -139,4 +140,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_interruptible("bench", main))

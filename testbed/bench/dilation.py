@@ -35,6 +35,7 @@ from agents.fidelity import Quantiles
 from testbed import dilation as dilations
 from testbed.bench import REPO, save
 from testbed.fidelity import QUANTILE
+from testbed.interrupts import run_interruptible
 from testbed.report import table
 from testbed.runner import run_policy, summarize
 from testbed.scenario import Scenario
@@ -305,4 +306,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_interruptible("bench", main))

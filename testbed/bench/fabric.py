@@ -15,6 +15,7 @@ import time
 from testbed.agentset import RunningCluster
 from testbed.bench import REPO, save
 from testbed.fabric import Fabric
+from testbed.interrupts import run_interruptible
 from testbed.iperf import measure
 from testbed.isolation import measure_isolation
 from testbed.plan import build_plan
@@ -104,4 +105,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_interruptible("bench", main))

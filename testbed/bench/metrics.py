@@ -16,6 +16,7 @@ import urllib.request
 from testbed.agentset import RunningCluster
 from testbed.bench import REPO, save
 from testbed.exporter import EXPORTER_PORT
+from testbed.interrupts import run_interruptible
 from testbed.plan import ROOT_MGMT_ADDRESS
 from testbed.report import table
 from testbed.topology import load_topology
@@ -62,4 +63,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(run_interruptible("bench", main))

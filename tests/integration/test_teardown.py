@@ -178,6 +178,28 @@ def test_signal_to_fabric_up_during_its_teardown_is_ignored():
     assert find_leftovers() == {}
 
 
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM])
+def test_signal_during_a_bench_tears_its_cluster_down(tmp_path, sig):
+    """A bench (here bench-dilation's first run, cut short) brings clusters up as scenarios
+    do, and goes the same way: Ctrl-C or SIGTERM, and nothing stays behind."""
+    log = tmp_path / "bench.log"
+    with open(log, "w") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "testbed.bench.dilation", "--topologies",
+             "topologies/1p1d-g2.yaml", "--tdfs", "1", "--repeats", "1", "--skip-auto",
+             "--agents", "8"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
+            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + UP_TIMEOUT
+    while " agents, " not in log.read_text():
+        assert proc.poll() is None, log.read_text()
+        assert time.monotonic() < deadline, log.read_text()
+        time.sleep(0.2)
+    proc.send_signal(sig)
+    assert proc.wait(timeout=120) == 130, log.read_text()
+    assert "bench interrupted; its cluster was torn down" in log.read_text()
+    assert find_leftovers() == {}
+
+
 def test_sigkill_of_a_scenario_run_then_clean_removes_leftovers(tmp_path):
     proc, _ = start_scenario(tmp_path, "fault at")
     kill_then_clean(proc, "links", "processes", "prometheus servers", "fault socket")
