@@ -29,8 +29,12 @@ class Quantiles:
         self.counts: dict[int, float] = dict(counts or {})
 
     def add(self, value: float, weight: float = 1.0) -> None:
-        bucket = 0 if value <= SMALLEST else 1 + int(math.log(value / SMALLEST, BUCKET_GROWTH))
+        bucket = self.bucket(value)
         self.counts[bucket] = self.counts.get(bucket, 0) + weight
+
+    @staticmethod
+    def bucket(value: float) -> int:
+        return 0 if value <= SMALLEST else 1 + int(math.log(value / SMALLEST, BUCKET_GROWTH))
 
     def merge(self, other: "Quantiles") -> "Quantiles":
         for bucket, count in other.counts.items():
@@ -71,6 +75,42 @@ class Quantiles:
         return cls({int(bucket): float(count) for bucket, count in data.items()})
 
 
+class LatenessPairs:
+    """Each kernel's (lateness, time), both emulated seconds, in the log buckets of
+    `Quantiles`, weighted by the GPU time it covers, lateness included. The verdict reads
+    `KernelLateness.kernels`; these keep enough to judge the same kernels again against
+    another timer granularity, or by absolute lateness (make bench-dilation --rejudge)."""
+
+    def __init__(self, counts: dict[tuple[int, int], float] | None = None):
+        self.counts: dict[tuple[int, int], float] = dict(counts or {})
+
+    def add(self, late: float, seconds: float) -> None:
+        key = (Quantiles.bucket(late), Quantiles.bucket(seconds))
+        self.counts[key] = self.counts.get(key, 0) + seconds + late
+
+    def merge(self, other: "LatenessPairs") -> "LatenessPairs":
+        for key, weight in other.counts.items():
+            self.counts[key] = self.counts.get(key, 0) + weight
+        return self
+
+    def shares(self, beyond: float = 0.0) -> Quantiles:
+        """Each kernel's lateness past `beyond` more emulated seconds, as a share of its time:
+        `KernelLateness.kernels` when `beyond` is 0, give or take a bucket."""
+        shares = Quantiles()
+        for (late, seconds), weight in self.counts.items():
+            shares.add(max(0.0, Quantiles.middle(late) - beyond)
+                       / max(Quantiles.middle(seconds), SMALLEST), weight)
+        return shares
+
+    def to_json(self) -> dict[str, float]:
+        return {f"{late},{seconds}": weight for (late, seconds), weight in self.counts.items()}
+
+    @classmethod
+    def from_json(cls, data: dict) -> "LatenessPairs":
+        return cls({tuple(map(int, key.split(","))): float(weight)
+                    for key, weight in data.items()})
+
+
 class KernelLateness:
     """How late an engine's emulated kernels end, before any make-up (agents/gpu.py), as a
     share of their profile time: per kernel, and per KERNEL_WINDOW of the host's time, each
@@ -86,6 +126,7 @@ class KernelLateness:
     def __init__(self):
         self.kernels = Quantiles()
         self.windows = Quantiles()
+        self.pairs = LatenessPairs()
         self._window_started: float | None = None
         self._window_seconds = 0.0      # profile time of the window's kernels
         self._window_late = 0.0
@@ -93,6 +134,7 @@ class KernelLateness:
     def add(self, seconds: float, late: float) -> None:
         """One kernel of `seconds` that ended `late` (both emulated)."""
         self.kernels.add(late / seconds, weight=seconds + late)
+        self.pairs.add(late, seconds)
         now = time.monotonic()
         if self._window_started is None:
             self._window_started = now
@@ -109,9 +151,10 @@ class KernelLateness:
 
     def report(self, reset: bool) -> dict:
         self.close_window()     # the last window, however short: its kernels count too
-        reply = {"windows": self.windows.to_json(), "kernels": self.kernels.to_json()}
+        reply = {"windows": self.windows.to_json(), "kernels": self.kernels.to_json(),
+                 "pairs": self.pairs.to_json()}
         if reset:
-            self.windows, self.kernels = Quantiles(), Quantiles()
+            self.windows, self.kernels, self.pairs = Quantiles(), Quantiles(), LatenessPairs()
         return reply
 
 

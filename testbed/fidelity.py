@@ -17,7 +17,9 @@ sampled at SAMPLE_HZ while the workload runs:
                       weighs the time it took, lateness included), so 99% of the GPU's time
                       ran in kernels that late at most. Lateness over 1 s windows of each
                       engine's kernels is kept beside it (agents/fidelity.py,
-                      KernelLateness): make bench-dilation found it no better a judge
+                      KernelLateness): make bench-dilation found it no better a judge; so
+                      is each kernel's (lateness, time), to judge again past another timer
+                      granularity (LatenessPairs)
   event-loop lag      every agent's (and the client's) 99th-percentile event-loop lag is at
                       most LOOP_LAG_MAX emulated seconds, over time (each probe weighs the
                       time it slept, so a long stall counts for its whole length); an agent
@@ -37,7 +39,7 @@ from collections import Counter
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 
-from agents.fidelity import Quantiles
+from agents.fidelity import LatenessPairs, Quantiles
 from testbed.cpuwatch import cpu_times
 from testbed.qos import GSO_MAX, ROOT
 from testbed.rtnl import RtnlSocket
@@ -167,14 +169,18 @@ def pace_window(rate: int) -> float:
     return max(PACE_SAMPLES / SAMPLE_HZ, PACE_SEGMENTS * GSO_MAX * 8 / rate)
 
 
-def kernel_check(kernels: Quantiles, windows: Quantiles | None = None) -> Check:
-    """Judged on single `kernels`; `windows` is kept beside it for the record."""
+def kernel_check(kernels: Quantiles, windows: Quantiles | None = None,
+                 pairs: LatenessPairs | None = None) -> Check:
+    """Judged on single `kernels`; `windows` and `pairs` are kept beside it for the record
+    (and --rejudge)."""
     if not kernels.count:
         return Check("kernel lateness", True, "no emulated kernel ran")
     p99 = kernels.quantile(QUANTILE)
     histograms = {"kernels": kernels.to_json()}
     if windows is not None:
         histograms["windows"] = windows.to_json()
+    if pairs is not None:
+        histograms["pairs"] = pairs.to_json()
     return Check("kernel lateness", p99 <= KERNEL_LATENESS_MAX,
                  f"p99 {p99:.1%} of the kernel's time, over {kernels.count:.1f} s of GPU time "
                  f"(needs <= {KERNEL_LATENESS_MAX:.0%})", p99, histograms)
@@ -289,11 +295,14 @@ class FidelityWatch:
             return 0.0
         return (cpu[-1][1] - cpu[0][1]) / (cpu[-1][2] - cpu[0][2])
 
-    def verdict(self, kernel_lateness: dict[str, Quantiles], loop_lags: dict[str, Quantiles],
+    def verdict(self, kernel_lateness: dict[str, Quantiles | LatenessPairs],
+                loop_lags: dict[str, Quantiles],
                 silent: list[str]) -> Verdict:
-        """`kernel_lateness`: "windows" and "kernels" (agents/fidelity.py, KernelLateness);
-        `silent`: the agents that did not report their measures (and no fault stopped)."""
+        """`kernel_lateness`: "windows", "kernels" and "pairs" (agents/fidelity.py,
+        KernelLateness); `silent`: the agents that did not report their measures (and no
+        fault stopped)."""
         links = {name: self._during(samples) for name, samples in self.links.items()}
         return Verdict([cpu_check(self._during(self.cpu)), link_check(links),
-                        kernel_check(kernel_lateness["kernels"], kernel_lateness["windows"]),
+                        kernel_check(kernel_lateness["kernels"], kernel_lateness["windows"],
+                                     kernel_lateness.get("pairs")),
                         loop_check(loop_lags, silent)])

@@ -24,7 +24,7 @@ from pathlib import Path
 
 from agents.clock import clock
 from agents.control import acall, error_text
-from agents.fidelity import Quantiles, Timeliness
+from agents.fidelity import LatenessPairs, Quantiles, Timeliness
 from agents.kv import Block, Geometry
 from agents.node import DE_BUFFER_SHARE, DRAM_BYTES
 from agents.scheduling import alpha_tokens, beta_tokens
@@ -400,10 +400,10 @@ async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
     silent = sorted(h.name for h in plan.hosts
                     if h.name not in reported and h.name not in cluster.injector.stopped)
     lags["client"] = client_timeliness.loop_lag
-    lateness = {"windows": Quantiles(), "kernels": Quantiles()}
+    lateness = {"windows": Quantiles(), "kernels": Quantiles(), "pairs": LatenessPairs()}
     for reply in reported.values():
         for unit, histogram in lateness.items():
-            histogram.merge(Quantiles.from_json(reply["kernel_lateness"][unit]))
+            histogram.merge(type(histogram).from_json(reply["kernel_lateness"][unit]))
     ended = [a for a in agents if a.finished is not None]
     mean_jct = sum(a.finished - a.arrival for a in ended) / max(1, len(ended))
     makespan = max((a.finished for a in ended), default=0.0)

@@ -4,12 +4,14 @@ passing and failing, the percentiles the agents report, and the verdict's one li
 from __future__ import annotations
 
 import asyncio
+import json
 import random
 import time
 
 import pytest
 
-from agents.fidelity import KERNEL_WINDOW, KernelLateness, Quantiles, Timeliness
+from agents.fidelity import (KERNEL_WINDOW, KernelLateness, LatenessPairs, Quantiles,
+                             Timeliness)
 from agents.gpu import Gpu
 from testbed.fidelity import (KERNEL_LATENESS_MAX, LOOP_LAG_MAX, Verdict, cpu_check,
                               kernel_check, link_check, loop_check, pace_window, windows)
@@ -240,3 +242,21 @@ def test_a_check_keeps_the_histograms_its_figure_was_read_from():
     assert Quantiles.from_json(check.histograms["windows"]).quantile(0.99) == check.value
     check = loop_check({"n0": lag}, [])
     assert Quantiles.from_json(check.histograms["n0"]).quantile(0.99) == check.value
+
+
+def test_lateness_pairs_judge_the_same_kernels_again_past_another_granularity():
+    """Kept beside the verdict's shares: each kernel's (lateness, time). Read back with no
+    more granularity they give the verdict's p99; 2 ms more, and a kernel 3 ms late on 10 ms is
+    1 ms late; and they survive results.json and merging."""
+    lateness = KernelLateness()
+    for _ in range(99):
+        lateness.add(0.010, 0.0)
+    lateness.add(0.010, 0.003)       # 1.3% of the GPU time: the p99
+    report = json.loads(json.dumps(lateness.report(reset=False)))
+    pairs = LatenessPairs.from_json(report["pairs"])
+    assert lateness.kernels.quantile(0.99) == pytest.approx(0.3, rel=0.03)
+    assert pairs.shares().quantile(0.99) == pytest.approx(0.3, rel=0.06)
+    assert pairs.shares(beyond=0.002).quantile(0.99) == pytest.approx(0.1, rel=0.12)
+    assert pairs.shares(beyond=0.005).quantile(0.99) == 0.0
+    assert LatenessPairs().merge(pairs).merge(pairs).shares().count == pytest.approx(
+        2 * pairs.shares().count)
