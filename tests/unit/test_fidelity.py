@@ -13,6 +13,7 @@ import pytest
 from agents.fidelity import (KERNEL_WINDOW, KernelLateness, LatenessPairs, Quantiles,
                              Timeliness)
 from agents.gpu import Gpu
+from testbed.bench.dilation import kernel_figure
 from testbed.fidelity import (KERNEL_LATENESS_MAX, LOOP_LAG_MAX, Verdict, cpu_check,
                               kernel_check, link_check, loop_check, pace_window, windows)
 
@@ -260,3 +261,16 @@ def test_lateness_pairs_judge_the_same_kernels_again_past_another_granularity():
     assert pairs.shares(beyond=0.005).quantile(0.99) == 0.0
     assert LatenessPairs().merge(pairs).merge(pairs).shares().count == pytest.approx(
         2 * pairs.shares().count)
+
+
+def test_rejudge_reads_kernels_past_a_coarser_timer_granularity_in_wall_time():
+    """A kernel of 10 ms emulated, 3 ms late: past 1 ms more of wall time it is 2 ms late
+    at TDF 1, and 3 - 1/8 ms late at TDF 8; a run stored without pairs has no such figure."""
+    lateness = KernelLateness()
+    lateness.add(0.010, 0.003)
+    check = {"histograms": lateness.report(reset=False), "value": 0.3}
+    assert kernel_figure(check, ("kernels+1ms", 0.99), tdf=1) == pytest.approx(0.2, rel=0.1)
+    assert kernel_figure(check, ("kernels+1ms", 0.99), tdf=8) == pytest.approx(0.2875, rel=0.1)
+    assert kernel_figure(check, ("kernels", 0.99), tdf=8) == pytest.approx(0.3, rel=0.05)
+    del check["histograms"]["pairs"]
+    assert kernel_figure(check, ("kernels+1ms", 0.99), tdf=8) is None
