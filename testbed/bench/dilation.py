@@ -14,7 +14,7 @@ The workload is sized so that basic's busiest SNIC is at least 80% busy (checked
 The bench exits 1 when any of these fails, after writing its results.
 
 Prints the table and writes results/bench-dilation/<timestamp>.json and .md (and, as it
-goes, <timestamp>.partial.json). About 70 to 90 minutes on a 2-core machine.
+goes, <timestamp>.partial.json). About 95 minutes on a 2-core machine.
 
 `--rejudge FILE` reads a finished bench's rows and tells, for other thresholds of kernel
 lateness (other quantiles of it and its mean, 1 s windows, a coarser timer granularity,
