@@ -304,5 +304,5 @@ class FidelityWatch:
         links = {name: self._during(samples) for name, samples in self.links.items()}
         return Verdict([cpu_check(self._during(self.cpu)), link_check(links),
                         kernel_check(kernel_lateness["kernels"], kernel_lateness["windows"],
-                                     kernel_lateness.get("pairs")),
+                                     kernel_lateness["pairs"]),
                         loop_check(loop_lags, silent)])

@@ -18,8 +18,8 @@ goes, <timestamp>.partial.json). About 95 minutes on a 2-core machine.
 
 `--rejudge FILE` reads a finished bench's rows and tells, for other thresholds of kernel
 lateness (other quantiles of it and its mean, 1 s windows, a coarser timer granularity,
-from the histograms each run keeps), event-loop lag and CPU headroom, whether the verdict would agree with convergence: the
-evidence behind the thresholds in testbed/fidelity.py.
+from the histograms each run keeps), event-loop lag and CPU headroom, whether the verdict
+would agree with convergence: the evidence behind the thresholds in testbed/fidelity.py.
 """
 
 from __future__ import annotations
@@ -141,18 +141,16 @@ def kernel_figure(check: dict, statistic: tuple[str, float | str], tdf: float) -
     just their p99; before pairs were kept, no "kernels+" figure)."""
     unit, q = statistic
     histograms = check.get("histograms") or {}
-    if unit.startswith(PAST):
-        if "pairs" not in histograms:
-            return None
+    if unit.startswith(PAST) and "pairs" in histograms:
         past_wall = float(unit.removeprefix(PAST).removesuffix("ms")) / 1e3
         lateness = LatenessPairs.from_json(histograms["pairs"]).shares(beyond=past_wall / tdf)
-        return lateness.mean() if q == "mean" else lateness.quantile(q)
-    if unit == "kernels" and "kernels" not in histograms and "all" in histograms:
-        unit = "all"
-    if unit in histograms:
+    elif unit == "kernels" and "kernels" not in histograms and "all" in histograms:
+        lateness = Quantiles.from_json(histograms["all"])
+    elif unit in histograms:
         lateness = Quantiles.from_json(histograms[unit])
-        return lateness.mean() if q == "mean" else lateness.quantile(q)
-    return check["value"] if statistic == ("kernels", QUANTILE) and not histograms else None
+    else:
+        return check["value"] if statistic == ("kernels", QUANTILE) and not histograms else None
+    return lateness.mean() if q == "mean" else lateness.quantile(q)
 
 
 def statistic_name(statistic: tuple[str, float | str]) -> str:

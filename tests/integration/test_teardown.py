@@ -119,16 +119,12 @@ faults: [{kind: link-flap, target: "n0:snic", at: 1, duration: 30}]
 """
 
 
-def start_scenario(tmp_path, wait_for: str) -> tuple[subprocess.Popen, Path]:
-    """A scenario run in the background, once its output shows `wait_for`."""
-    scenario = tmp_path / "long.yaml"
-    scenario.write_text(SCENARIO)
-    log = tmp_path / "run.log"
+def start_logged(args: list[str], cwd: Path, log: Path, wait_for: str) -> subprocess.Popen:
+    """`python -m <args>` in the background, once its output (in `log`) shows `wait_for`."""
     with open(log, "w") as out:
         # As from a terminal: a shell starts background jobs with SIGINT ignored, and a
         # child that inherits that would never see the Ctrl-C these tests send.
-        proc = subprocess.Popen([sys.executable, "-m", "testbed", "scenario", "run",
-                                 str(scenario)], cwd=tmp_path, stdout=out,
+        proc = subprocess.Popen([sys.executable, "-m", *args], cwd=cwd, stdout=out,
                                 stderr=subprocess.STDOUT,
                                 preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + UP_TIMEOUT
@@ -136,6 +132,15 @@ def start_scenario(tmp_path, wait_for: str) -> tuple[subprocess.Popen, Path]:
         assert proc.poll() is None, log.read_text()
         assert time.monotonic() < deadline, log.read_text()
         time.sleep(0.2)
+    return proc
+
+
+def start_scenario(tmp_path, wait_for: str) -> tuple[subprocess.Popen, Path]:
+    """A scenario run in the background, once its output shows `wait_for`."""
+    scenario = tmp_path / "long.yaml"
+    scenario.write_text(SCENARIO)
+    log = tmp_path / "run.log"
+    proc = start_logged(["testbed", "scenario", "run", str(scenario)], tmp_path, log, wait_for)
     return proc, log
 
 
@@ -183,17 +188,9 @@ def test_signal_during_a_bench_tears_its_cluster_down(tmp_path, sig):
     """A bench (here bench-dilation's first run, cut short) brings clusters up as scenarios
     do, and goes the same way: Ctrl-C or SIGTERM, and nothing stays behind."""
     log = tmp_path / "bench.log"
-    with open(log, "w") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "testbed.bench.dilation", "--topologies",
-             "topologies/1p1d-g2.yaml", "--tdfs", "1", "--repeats", "1", "--skip-auto",
-             "--agents", "8"], cwd=REPO, stdout=out, stderr=subprocess.STDOUT,
-            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-    deadline = time.monotonic() + UP_TIMEOUT
-    while " agents, " not in log.read_text():
-        assert proc.poll() is None, log.read_text()
-        assert time.monotonic() < deadline, log.read_text()
-        time.sleep(0.2)
+    proc = start_logged(["testbed.bench.dilation", "--topologies", "topologies/1p1d-g2.yaml",
+                         "--tdfs", "1", "--repeats", "1", "--skip-auto", "--agents", "8"],
+                        REPO, log, " agents, ")
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == 130, log.read_text()
     assert "bench interrupted; its cluster was torn down" in log.read_text()
