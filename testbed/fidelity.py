@@ -12,7 +12,8 @@ sampled at SAMPLE_HZ while the workload runs:
                       rate it was given, give or take the one segment in flight: a link that
                       does not keep pace is slowed by the host, not by its shaping
   kernel lateness     the 99th percentile of how late an emulated GPU kernel ends, before
-                      any make-up (agents/gpu.py), as a share of the kernel's time, is at
+                      any make-up and beyond the idle host's timer granularity
+                      (agents/gpu.py), as a share of the kernel's time, is at
                       most KERNEL_LATENESS_MAX; the percentile is of GPU time (each kernel
                       weighs the time it took, lateness included), so 99% of the GPU's time
                       ran in kernels that late at most. Lateness over 1 s windows of each
@@ -58,7 +59,7 @@ PACE_SAMPLES = 20
 # HTB sends whole segments of up to GSO_MAX bytes, so a window's byte count is off by up to
 # one: a window holds at least this many, so that one is a small share of it.
 PACE_SEGMENTS = 20
-KERNEL_LATENESS_MAX = 0.09     # set by make bench-dilation: see the README
+KERNEL_LATENESS_MAX = 0.10     # set by make bench-dilation: see the README
 LOOP_LAG_MAX = 0.020
 QUANTILE = 0.99
 

@@ -127,8 +127,8 @@ def bench_scenario(topology: str, agents: int) -> Scenario:
 # The kernel-lateness statistics --rejudge tries: (unit, quantile or "mean"), where the unit
 # is single kernels (what the verdict judges), 1 s windows of them (agents/fidelity.py,
 # KernelLateness), or single kernels past N more ms of wall time than the verdict's timer
-# granularity ("kernels+Nms", from LatenessPairs: this VM's timer alone wakes a sleep of a
-# fractional number of ms up to about 2 ms late, where the verdict allows 1 ms).
+# granularity when the run was taken ("kernels+Nms", from LatenessPairs; agents/gpu.py,
+# TIMER_GRANULARITY: 1 ms up to results/bench-dilation/20261203-113516, 2 ms since).
 KERNEL_STATISTICS = [("windows", 0.95), ("windows", 0.99), ("windows", "mean"),
                      ("kernels", 0.95), ("kernels", 0.99), ("kernels", "mean"),
                      ("kernels+0.5ms", 0.99), ("kernels+1ms", 0.99), ("kernels+2ms", 0.99)]
