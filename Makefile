@@ -17,7 +17,7 @@ help:
 	@echo "make clean          remove every leftover of earlier runs"
 	@echo "make bench-fabric   link rates against iperf3, isolation shares, startup/teardown times"
 	@echo "make bench-dataplane agent throughput against iperf3, CPU per GB, where the CPU limits"
-	@echo "make bench-scenarios the paper's experiments: $(PAPER_SCENARIOS) (about 3.5 hours)"
+	@echo "make bench-scenarios the paper's experiments: $(PAPER_SCENARIOS) (about 4 hours)"
 	@echo "make bench-metrics  what exporting the links to Prometheus costs on 2P4D x 8"
 	@echo "make bench-dilation virtual time: convergence over TDF 1-16 against the verdict (about 95 min)"
 
