@@ -51,14 +51,6 @@ class Clock:
     async def sleep(self, emulated_seconds: float) -> None:
         await asyncio.sleep(max(0.0, emulated_seconds) * self.dilation)
 
-    async def sleep_to_slot(self, period: float, slot: int, slots: int) -> None:
-        """Sleep until the next emulated instant in `slot` of `slots` even slots of every
-        `period`, on the epoch that every host shares: agents that take turns this way keep
-        the same order and spacing at every TDF and in every run."""
-        offset = period * slot / slots
-        now = self.time()
-        await self.sleep((offset - now) % period or period)
-
     def pause(self, emulated_seconds: float) -> None:
         """`sleep` for a thread (a fault held for its duration)."""
         time.sleep(max(0.0, emulated_seconds) * self.dilation)

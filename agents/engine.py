@@ -216,11 +216,6 @@ class EngineAgent(Agent):
         scheduler = self.address("sched", "mgmt")
         group = [h for h in self.plan.of_kind("gpu") if h.node == self.host.node]
         lower = group[:group.index(self.host)]
-        # Groups of a role fetch in turn, evenly spaced: the request that arrives next goes
-        # to the group whose turn is next, and so each group's share of new work does not
-        # hang on when its leader happened to start (§5.1's fetch "together regularly").
-        turns = sorted({h.node for h in self.plan.of_kind("gpu") if h.role == self.role})
-        turn = turns.index(self.host.node)
         while True:
             if lower and await self.any_answers(lower):
                 await clock.sleep(IDLE_FETCH_SECONDS)
@@ -234,7 +229,7 @@ class EngineAgent(Agent):
                 continue
             for work in reply["assignments"]:
                 asyncio.create_task(self.hand_over(scheduler, work))
-            await clock.sleep_to_slot(FETCH_SECONDS, turn, len(turns))
+            await clock.sleep(FETCH_SECONDS)
 
     async def any_answers(self, hosts) -> bool:
         async def answers(host) -> bool:
