@@ -210,18 +210,18 @@ class EngineAgent(Agent):
                 conn.reset()
                 raise
 
-    # -- the group leader: pulls work for its group's engines (§5.1) -----------------------
+    # -- the group leader: pulls work for its node's engines (§5.1) ------------------------
     async def lead(self) -> None:
         """Rank 0 leads; a higher rank leads while every rank below it is gone."""
         scheduler = self.address("sched", "mgmt")
-        name, group = self.plan.engine_group(self.host)
+        group = [h for h in self.plan.of_kind("gpu") if h.node == self.host.node]
         lower = group[:group.index(self.host)]
         while True:
             if lower and await self.any_answers(lower):
                 await clock.sleep(IDLE_FETCH_SECONDS)
                 continue
             try:
-                reply = await acall(scheduler, "fetch", timeout=10, group=name,
+                reply = await acall(scheduler, "fetch", timeout=10, group=self.host.node,
                                     role=self.role, engine=self.host.name)
             except Exception as exc:     # no scheduler running, or one going away mid-reply
                 self.log.debug("fetch: %s", error_text(exc))

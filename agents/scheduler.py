@@ -77,8 +77,7 @@ class SchedulerAgent(Agent):
         self.engines = {g.name: EngineState(g.name, g.node) for g in gpus}
         self.groups = {"prefill": {}, "decode": {}}
         for g in gpus:
-            group, _ = self.plan.engine_group(g)
-            self.groups[g.role].setdefault(group, []).append(self.engines[g.name])
+            self.groups[g.role].setdefault(g.node, []).append(self.engines[g.name])
         self.read_q = {n.name: 0 for n in self.plan.of_kind("node")}   # tokens
         self.pending: dict[int, Pending] = {}
         self.decisions = {"prefill": 0, "decode": 0, "pe": 0, "de": 0, "split": 0}

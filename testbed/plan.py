@@ -88,16 +88,6 @@ class ClusterPlan:
     def of_kind(self, kind: Kind) -> list[Host]:
         return [h for h in self.hosts if h.kind == kind]
 
-    def engine_group(self, gpu: Host) -> tuple[str, list[Host]]:
-        """The engine group (§5.1) of a GPU, by name, and its engines, the leader first.
-        Groups are expert-parallel groups: one across every prefill node, as the prefill
-        all-to-all is, so that each request goes to the least loaded prefill engine of all
-        whichever leader fetches (α then tells their nodes' read queues apart); and one per
-        decode node, so that the group-level DE choice (§5.3) acts."""
-        if gpu.role == "prefill":
-            return "prefill", [h for h in self.of_kind("gpu") if h.role == "prefill"]
-        return gpu.node, [h for h in self.of_kind("gpu") if h.node == gpu.node]
-
     @property
     def interfaces(self) -> list[Interface]:
         return [intf for host in self.hosts for intf in host.interfaces]

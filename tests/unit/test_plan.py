@@ -95,18 +95,6 @@ def test_each_node_has_its_gpus() -> None:
         assert mine == [f"{node.name}g{j}" for j in range(8)]
 
 
-def test_one_prefill_group_spans_every_prefill_node_and_each_decode_node_is_a_group() -> None:
-    plan = plan_of("2p4d")
-    groups = {}
-    for gpu in plan.of_kind("gpu"):
-        name, members = plan.engine_group(gpu)
-        groups.setdefault(name, [m.name for m in members])
-        assert gpu.name in groups[name] and groups[name] == [m.name for m in members]
-    assert groups["prefill"] == [f"n{i}g{j}" for i in range(2) for j in range(8)]
-    assert sorted(groups) == ["n2", "n3", "n4", "n5", "prefill"]
-    assert groups["n3"] == [f"n3g{j}" for j in range(8)]     # its leader, n3g0, first
-
-
 def test_lookups_refuse_unknown_names() -> None:
     plan = plan_of("mini")
     with pytest.raises(KeyError):
