@@ -19,7 +19,7 @@ help:
 	@echo "make bench-dataplane agent throughput against iperf3, CPU per GB, where the CPU limits"
 	@echo "make bench-scenarios the paper's experiments: $(PAPER_SCENARIOS) (about 4 hours)"
 	@echo "make bench-metrics  what exporting the links to Prometheus costs on 2P4D x 8"
-	@echo "make bench-dilation virtual time: convergence over TDF 1-16 against the verdict (about 95 min)"
+	@echo "make bench-dilation virtual time: convergence over TDF 1-16 against the verdict (about 2 hours)"
 
 setup:
 	@bash scripts/setup.sh
