@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 
 from testbed.errors import TestbedError
 from testbed.interrupts import Stop, raise_stop, run_interruptible
@@ -235,12 +236,15 @@ def cmd_scenario_run(args: argparse.Namespace) -> int:
     from testbed.runner import run_scenario
     from testbed.scenario import load_scenario
     from testbed.dilation import dilation_argument
-    from testbed.scenario import check_dilation
+    from testbed.scenario import REPO, check_dilation
     dilation = None if args.time_dilation is None else dilation_argument(args.time_dilation)
     scenario = load_scenario(args.scenario)
     if isinstance(dilation, float):
         check_dilation(dilation, scenario.topologies, "--time-dilation")
-    return _scenario_runs(scenario.name, lambda: run_scenario(scenario, dilation=dilation))
+
+    def runs() -> None:          # the report's folder is printed, not an exit code
+        run_scenario(scenario, Path(args.results or REPO / "results"), dilation=dilation)
+    return _scenario_runs(scenario.name, runs)
 
 
 def cmd_scenario_pilot(args: argparse.Namespace) -> int:
@@ -345,6 +349,8 @@ def build_parser() -> argparse.ArgumentParser:
     srun.add_argument("--time-dilation", metavar="N|auto",
                       help="run every topology at this time-dilation factor (a number >= 1), "
                            "or pick it by pilot runs (auto); overrides the scenario's")
+    srun.add_argument("--results", metavar="DIR",
+                      help="where the report's folder goes (default: the repository's results/)")
     srun.set_defaults(func=cmd_scenario_run)
     spilot = scenario.add_parser(
         "pilot", help="which TDF a scenario needs: auto's pilots alone, without the runs")
