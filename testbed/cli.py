@@ -233,17 +233,17 @@ def cmd_request(args: argparse.Namespace) -> int:
 
 
 def cmd_scenario_run(args: argparse.Namespace) -> int:
-    from testbed.runner import run_scenario
+    from testbed.runner import RESULTS, run_scenario
     from testbed.scenario import load_scenario
     from testbed.dilation import dilation_argument
-    from testbed.scenario import REPO, check_dilation
+    from testbed.scenario import check_dilation
     dilation = None if args.time_dilation is None else dilation_argument(args.time_dilation)
     scenario = load_scenario(args.scenario)
     if isinstance(dilation, float):
         check_dilation(dilation, scenario.topologies, "--time-dilation")
 
     def runs() -> None:          # the report's folder is printed, not an exit code
-        run_scenario(scenario, Path(args.results or REPO / "results"), dilation=dilation)
+        run_scenario(scenario, args.results or RESULTS, dilation=dilation)
     return _scenario_runs(scenario.name, runs)
 
 
@@ -349,7 +349,7 @@ def build_parser() -> argparse.ArgumentParser:
     srun.add_argument("--time-dilation", metavar="N|auto",
                       help="run every topology at this time-dilation factor (a number >= 1), "
                            "or pick it by pilot runs (auto); overrides the scenario's")
-    srun.add_argument("--results", metavar="DIR",
+    srun.add_argument("--results", type=Path, metavar="DIR",
                       help="where the report's folder goes (default: the repository's results/)")
     srun.set_defaults(func=cmd_scenario_run)
     spilot = scenario.add_parser(

@@ -54,6 +54,7 @@ from testbed.workload import Turn, generate_trajectories, poisson_arrivals
 TRACE_BLOCKS = 1 << 62   # trace block ids start here, above any request's own (< 2**62)
 SAMPLE_SECONDS = 1.0     # SNIC utilization samples (emulated, as every duration here)
 PROGRESS_SECONDS = 5.0   # progress lines
+RESULTS = REPO / "results"  # where a scenario's report folder goes unless told otherwise
 # A turn whose request failed is submitted again, as a new request, up to this many times in
 # all; then it fails with the last reason, and so do the trajectory's later turns.
 ATTEMPTS = 3
@@ -735,7 +736,7 @@ def capacities(scenario: Scenario, summaries: list[dict]) -> list[dict]:
     return rows
 
 
-def run_scenario(scenario: Scenario, results_root: Path = REPO / "results",
+def run_scenario(scenario: Scenario, results_root: Path = RESULTS,
                  dilation: float | str | None = None) -> Path:
     w = scenario.workload
     levels = "" if w.kind == "offline" else f", {', '.join(f'{a:g}' for a in w.aps)} APS"

@@ -87,7 +87,8 @@ def plan_runs(tdfs: list[float], repeats: int) -> list[tuple[float, int]]:
 
 def reference_of(rows: list[dict]) -> tuple[float, float]:
     """The reference JCT (the mean of the runs at the largest TDF) and the tolerance."""
-    jcts = [r["jct"] for r in rows if r["tdf"] == max(r["tdf"] for r in rows)]
+    largest = max(r["tdf"] for r in rows)
+    jcts = [r["jct"] for r in rows if r["tdf"] == largest]
     mean = sum(jcts) / len(jcts)
     return mean, max(MIN_TOLERANCE, 2 * (max(jcts) - min(jcts)) / mean)
 
