@@ -189,7 +189,7 @@ def test_signal_during_a_bench_tears_its_cluster_down(tmp_path, sig):
     do, and goes the same way: Ctrl-C or SIGTERM, and nothing stays behind."""
     log = tmp_path / "bench.log"
     proc = start_logged(["testbed.bench.dilation", "--topologies", "topologies/1p1d-g2.yaml",
-                         "--tdfs", "1", "--repeats", "1", "--skip-auto", "--agents", "8"],
+                         "--tdfs", "1", "--repeats", "2", "--skip-auto", "--agents", "8"],
                         REPO, log, " agents, ")
     proc.send_signal(sig)
     assert proc.wait(timeout=120) == 130, log.read_text()
