@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import random
 from collections import deque
 
 from agents.clock import clock
@@ -35,7 +36,16 @@ from testbed.profile import load_profile
 
 ALL_TO_ALL_PORT = 7004
 PEER_GONE_SECONDS = 5.0       # an engine that failed an all-to-all sits out this long
-FETCH_SECONDS = 0.02          # how often a group leader pulls work while a scheduler runs
+FETCH_SECONDS = 0.02          # how often, on average, a group leader pulls work while a scheduler runs
+# Each wait between fetches is FETCH_SECONDS times U(1 - FETCH_JITTER, 1 + FETCH_JITTER),
+# emulated. A new request goes to whichever prefill group fetches first (§5.2), so the share of
+# work each group gets hangs on the leaders' relative phase. Without jitter of its own that
+# phase drifts only with each fetch's round trip, wall time that shrinks as 1/TDF. At TDF 16 the
+# leaders kept about the phase the start-up gave them; a group that fetches just before another
+# takes nearly every new request, and oracle on 2P2D ran prefill batches 4x longer than at
+# TDF 8 (mean JCT 2.40 s against 2.25-2.27 s). Jitter in emulated time moves the phase alike
+# at every TDF, as the leaders of a real cluster's groups drift.
+FETCH_JITTER = 0.5
 IDLE_FETCH_SECONDS = 1.0
 PREFILL_QUOTA_SECONDS = 0.3  # attention time of one forward batch (paper §5.5)
 # Queued requests whose hit KV loads into DRAM ahead of their batch: the next two batches'
@@ -49,6 +59,15 @@ PREFETCH_DRAM_SHARE = 0.5
 # burst of a hundred requests would spend with the event loop blocked: read each one once
 # (profiles are frozen).
 profile_of = functools.lru_cache(maxsize=None)(load_profile)
+
+def fetch_waits(leader: str):
+    """A leader's waits between fetches (emulated seconds): FETCH_SECONDS on average, each
+    jittered by up to FETCH_JITTER of it; seeded by the leader's name, so every leader draws
+    its own sequence."""
+    rng = random.Random(leader)
+    while True:
+        yield FETCH_SECONDS * rng.uniform(1 - FETCH_JITTER, 1 + FETCH_JITTER)
+
 
 PERSIST_TOKENS = 64          # decode persists a block every 64 generated tokens (paper §3.3)
 
@@ -216,6 +235,7 @@ class EngineAgent(Agent):
         scheduler = self.address("sched", "mgmt")
         group = [h for h in self.plan.of_kind("gpu") if h.node == self.host.node]
         lower = group[:group.index(self.host)]
+        waits = fetch_waits(self.host.name)
         while True:
             if lower and await self.any_answers(lower):
                 await clock.sleep(IDLE_FETCH_SECONDS)
@@ -229,7 +249,7 @@ class EngineAgent(Agent):
                 continue
             for work in reply["assignments"]:
                 asyncio.create_task(self.hand_over(scheduler, work))
-            await clock.sleep(FETCH_SECONDS)
+            await clock.sleep(next(waits))
 
     async def any_answers(self, hosts) -> bool:
         async def answers(host) -> bool:
