@@ -286,6 +286,7 @@ def main() -> None:
                              "makespan": result["makespan"],
                              "wall_seconds": result["wall_seconds"],
                              "busiest_snic": busiest_snic(result), "failed": summary["failed"],
+                             "host_cpu": result["host_cpu"],
                              "phases": phase_means(result["records"]),
                              "valid": result["fidelity"]["valid"],
                              "verdict": result["fidelity"]["summary"],
