@@ -60,6 +60,9 @@ PREFETCH_DRAM_SHARE = 0.5
 # (profiles are frozen).
 profile_of = functools.lru_cache(maxsize=None)(load_profile)
 
+PERSIST_TOKENS = 64          # decode persists a block every 64 generated tokens (paper §3.3)
+
+
 def fetch_waits(leader: str):
     """A leader's waits between fetches (emulated seconds): FETCH_SECONDS on average, each
     jittered by up to FETCH_JITTER of it; seeded by the leader's name, so every leader draws
@@ -67,9 +70,6 @@ def fetch_waits(leader: str):
     rng = random.Random(leader)
     while True:
         yield FETCH_SECONDS * rng.uniform(1 - FETCH_JITTER, 1 + FETCH_JITTER)
-
-
-PERSIST_TOKENS = 64          # decode persists a block every 64 generated tokens (paper §3.3)
 
 
 class Connection:

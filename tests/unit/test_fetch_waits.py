@@ -26,8 +26,9 @@ def test_each_leader_draws_its_own_sequence_and_draws_it_again():
 
 
 def test_two_leaders_phase_covers_the_whole_period():
-    """Which prefill group takes a new request is whichever fetches first; over a run of a few
-    hundred fetches each leader should be first about as often as the other."""
+    """Which prefill group takes a new request is whichever fetches first, so over a few
+    hundred fetches the two leaders' relative phase should visit every tenth of the period,
+    not stay where the start-up put it."""
     a = list(itertools.accumulate(take("n0g0", 500)))
     b = list(itertools.accumulate(take("n1g0", 500)))
     phases = [((y - x) % FETCH_SECONDS) / FETCH_SECONDS for x, y in zip(a, b)]
