@@ -5,10 +5,11 @@ The flood is two saturating TCP streams marked CS1 (the KV class), made with ipe
 the decode GPU: one from its own node (the H2D path) and one from a prefill GPU. With the
 priority classes on, TPOT stays within 20% of TPOT without the flood; with them off (one
 FIFO per CNIC) the all-to-all of every decode step queues behind the KV and TPOT inflates
-past 1.5x. The band is 20%, wider than the paper's "virtually unaffected" (its DualPath
+past 1.35x. The band is 20%, wider than the paper's "virtually unaffected" (its DualPath
 TPOT is 1.10x basic's on DS 27B at 0.25 APS, Figure 10): the two iperf3 streams take a
 share of this 2-core host themselves, and runs here measured 0.93x to 1.10x with the
-classes on.
+classes on. A step's all-to-all overlaps its compute (agents/engine.py), so the FIFO's
+queueing shows only where it outlasts the step's compute: runs here measured 1.59x.
 """
 
 from __future__ import annotations
@@ -56,4 +57,4 @@ def test_decode_tpot_under_kv_flood(classes, record_property):
     if classes:
         assert inflation <= 1.20, f"TPOT inflated {inflation:.2f}x with priority classes on"
     else:
-        assert inflation > 1.5, f"a single FIFO should hurt TPOT; it inflated {inflation:.2f}x"
+        assert inflation > 1.35, f"a single FIFO should hurt TPOT; it inflated {inflation:.2f}x"
