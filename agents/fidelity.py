@@ -19,6 +19,7 @@ BUCKET_GROWTH = 1.05
 SMALLEST = 1e-6
 LOOP_LAG_PERIOD = 0.1      # wall seconds between event-loop probes: 10 Hz
 KERNEL_WINDOW = 1.0        # wall seconds of kernels judged together
+CPU_WINDOW = 1.0           # wall seconds over which an agent's CPU share is taken
 
 
 class Quantiles:
@@ -159,13 +160,20 @@ class KernelLateness:
 
 
 class Timeliness:
-    """An agent's two measures, each weighted by the time it covers, so that one long stall
+    """An agent's measures, each weighted by the time it covers, so that one long stall
     counts for all of its duration rather than as one sample among many: event-loop lag
-    (emulated seconds, each probe weighted by the time it slept) and kernel lateness
-    (`KernelLateness`)."""
+    (emulated seconds, each probe weighted by the time it slept), kernel lateness
+    (`KernelLateness`) and the agent's own CPU use: the share of each CPU_WINDOW of wall
+    time its process spent on a CPU, weighted by the window's length.
+
+    The CPU share sees what lag does not: an agent busy most of the time on many short
+    callbacks (a node or engine taking in KV at a high dilated rate) wakes its probe on
+    time, yet every frame it handles waits behind the ones before it, and that queueing
+    stretches the emulated pipeline with the host CPU still idle enough."""
 
     def __init__(self):
         self.loop_lag = Quantiles()
+        self.cpu = Quantiles()
         self.kernel_lateness = KernelLateness()
         self.watching: asyncio.Task | None = None
 
@@ -179,17 +187,24 @@ class Timeliness:
 
     async def watch_loop(self) -> None:
         """Sleep LOOP_LAG_PERIOD at a time; how much later than asked the loop woke is its
-        lag: the time every other callback of this agent waited too."""
+        lag: the time every other callback of this agent waited too. Every CPU_WINDOW, the
+        share of it the process spent on a CPU."""
+        window_wall, window_cpu = time.monotonic(), time.process_time()
         while True:
             started = time.monotonic()
             await asyncio.sleep(LOOP_LAG_PERIOD)
-            slept = time.monotonic() - started
+            now = time.monotonic()
+            slept = now - started
             late = clock.emulated(max(0.0, slept - LOOP_LAG_PERIOD))
             self.loop_lag.add(late, weight=clock.emulated(slept))
+            if now - window_wall >= CPU_WINDOW:
+                cpu = time.process_time()
+                self.cpu.add((cpu - window_cpu) / (now - window_wall), weight=now - window_wall)
+                window_wall, window_cpu = now, cpu
 
     def report(self, reset: bool) -> dict:
-        reply = {"loop_lag": self.loop_lag.to_json(),
+        reply = {"loop_lag": self.loop_lag.to_json(), "cpu": self.cpu.to_json(),
                  "kernel_lateness": self.kernel_lateness.report(reset)}
         if reset:
-            self.loop_lag = Quantiles()
+            self.loop_lag, self.cpu = Quantiles(), Quantiles()
         return reply

@@ -25,6 +25,11 @@ sampled at SAMPLE_HZ while the workload runs:
                       most LOOP_LAG_MAX emulated seconds, over time (each probe weighs the
                       time it slept, so a long stall counts for its whole length); an agent
                       that does not report its loop fails it, unless a fault stopped it
+  agent CPU           every agent's (and the client's) CPU share, taken over 1 s windows of
+                      wall time, is at most AGENT_CPU_MAX at the 99th percentile over time:
+                      an agent is one process on one thread, and one busy most of the time
+                      queues its frames behind each other, a delay the loop-lag probe does
+                      not see (its wake-ups find short callbacks)
 
 A run is VALID when every invariant holds, else INVALID naming each failed one with its
 figure. Windows are wall seconds, where the host's limits live; lag is in emulated seconds.
@@ -61,6 +66,7 @@ PACE_SAMPLES = 20
 PACE_SEGMENTS = 20
 KERNEL_LATENESS_MAX = 0.10     # set by make bench-dilation: see the README
 LOOP_LAG_MAX = 0.020
+AGENT_CPU_MAX = 0.50           # set by make bench-dilation: see the README
 QUANTILE = 0.99
 
 
@@ -204,6 +210,20 @@ def loop_check(lags: dict[str, Quantiles], silent: list[str]) -> Check:
                  {agent: lags[agent].to_json() for agent in measured})
 
 
+def agent_cpu_check(cpu: dict[str, Quantiles]) -> Check:
+    """`cpu`: each agent's CPU share per 1 s window (agents/fidelity.py, Timeliness)."""
+    measured = {agent: q.quantile(QUANTILE) for agent, q in cpu.items() if q.count}
+    if not measured:
+        return Check("agent CPU", False, "no agent reported its CPU use")
+    worst = max(measured, key=measured.get)
+    busy = sorted(a for a, share in measured.items() if share > AGENT_CPU_MAX)
+    over = f"; {len(busy)} of {len(measured)} agents over" if busy else ""
+    return Check("agent CPU", not busy,
+                 f"busiest p99 {measured[worst]:.0%} of a core ({worst}) "
+                 f"(needs <= {AGENT_CPU_MAX:.0%}){over}", measured[worst],
+                 {agent: cpu[agent].to_json() for agent in measured})
+
+
 class FidelityWatch:
     """Samples the host CPU and every shaped link end at SAMPLE_HZ in a thread, while a
     `with` block runs. `intended(host, nic)` is a link's rate as the testbed means it now
@@ -297,13 +317,13 @@ class FidelityWatch:
         return (cpu[-1][1] - cpu[0][1]) / (cpu[-1][2] - cpu[0][2])
 
     def verdict(self, kernel_lateness: dict[str, Quantiles | LatenessPairs],
-                loop_lags: dict[str, Quantiles],
+                loop_lags: dict[str, Quantiles], agent_cpu: dict[str, Quantiles],
                 silent: list[str]) -> Verdict:
         """`kernel_lateness`: "windows", "kernels" and "pairs" (agents/fidelity.py,
-        KernelLateness); `silent`: the agents that did not report their measures (and no
-        fault stopped)."""
+        KernelLateness); `agent_cpu`: each agent's CPU share per window; `silent`: the
+        agents that did not report their measures (and no fault stopped)."""
         links = {name: self._during(samples) for name, samples in self.links.items()}
         return Verdict([cpu_check(self._during(self.cpu)), link_check(links),
                         kernel_check(kernel_lateness["kernels"], kernel_lateness["windows"],
                                      kernel_lateness["pairs"]),
-                        loop_check(loop_lags, silent)])
+                        loop_check(loop_lags, silent), agent_cpu_check(agent_cpu)])

@@ -401,6 +401,8 @@ async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
     silent = sorted(h.name for h in plan.hosts
                     if h.name not in reported and h.name not in cluster.injector.stopped)
     lags["client"] = client_timeliness.loop_lag
+    cpu = {host: Quantiles.from_json(reply["cpu"]) for host, reply in reported.items()}
+    cpu["client"] = client_timeliness.cpu
     lateness = {"windows": Quantiles(), "kernels": Quantiles(), "pairs": LatenessPairs()}
     for reply in reported.values():
         for unit, histogram in lateness.items():
@@ -415,7 +417,8 @@ async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
             "failures": outcome.failures,
             "issued": len(turns), "faults": list(cluster.injector.events),
             "snic_timeline": timeline, "wall": [began, ending],
-            "kernel_lateness": lateness, "loop_lags": lags, "silent": silent}
+            "kernel_lateness": lateness, "loop_lags": lags, "agent_cpu": cpu,
+            "silent": silent}
 
 
 def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float | None,
@@ -448,7 +451,7 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
                                               client, cluster, watch, horizon))
         moved = counters.delta(before, counters.snapshot(record))
     verdict = watch.verdict(result.pop("kernel_lateness"), result.pop("loop_lags"),
-                            result.pop("silent"))
+                            result.pop("agent_cpu"), result.pop("silent"))
     print(f"  {policy}: {verdict.summary()}", flush=True)
     snic = {n.name: moved.get((n.name, "snic", "rx"), 0) * topology.scale
             for n in fabric.plan.of_kind("node")}

@@ -23,7 +23,7 @@ goes, <timestamp>.partial.json). About 115 minutes on a 2-core machine.
 
 `--rejudge FILE` reads a finished bench's rows and tells, for other thresholds of kernel
 lateness (other quantiles of it and its mean, 1 s windows, a coarser timer granularity,
-from the histograms each run keeps), event-loop lag and CPU headroom, whether the verdict
+from the histograms each run keeps), event-loop lag, CPU headroom and agent CPU, whether the verdict
 would agree with convergence: the evidence behind the thresholds in testbed/fidelity.py.
 """
 
@@ -162,11 +162,12 @@ def statistic_name(statistic: tuple[str, float | str]) -> str:
 
 
 def passes(checks: list[dict], tdf: float, kernel_q: tuple[str, float | str], kernel: float,
-           loop: float, cpu: float) -> bool:
+           loop: float, cpu: float, agent_cpu: float) -> bool:
     """A run's stored checks (taken at `tdf`) judged again at these thresholds (kernel
-    lateness at its `kernel_q` statistic); link pace as it was."""
+    lateness at its `kernel_q` statistic); link pace as it was (and, in runs stored before
+    agents reported their CPU use, no agent CPU check)."""
     limits = {"kernel lateness": lambda v: v <= kernel, "event-loop lag": lambda v: v <= loop,
-              "host CPU headroom": lambda v: v >= cpu}
+              "host CPU headroom": lambda v: v >= cpu, "agent CPU": lambda v: v <= agent_cpu}
 
     def holds(c: dict) -> bool:
         figure = (kernel_figure(c, kernel_q, tdf) if c["name"] == "kernel lateness"
@@ -215,21 +216,23 @@ def print_rejudged(path: Path) -> None:
     grid = itertools.product(statistics or [("kernels", QUANTILE)],
                              (0.0025, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03,
                               0.05, 0.075, 0.09, 0.1, 0.15, 0.2, 0.3, 0.5),
-                             (0.001, 0.002, 0.005, 0.02, 0.05), (0.95, 0.8))
-    judged = [(q, k, lag, c, rejudge(rows, q, k, lag, c)) for q, k, lag, c in grid]
+                             (0.001, 0.002, 0.005, 0.02, 0.05), (0.95, 0.8),
+                             (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, float("inf")))
+    judged = [(*t, rejudge(rows, *t)) for t in grid]
     # Those that agree, else the closest: fewest runs judged against convergence.
-    shown = [t for t in judged if t[4]["agrees"]] or sorted(
-        judged, key=lambda t: t[4]["far_but_valid"] + t[4]["within_but_invalid"])[:15]
-    print(f"{sum(t[4]['agrees'] for t in judged)} of {len(judged)} threshold sets agree; "
-          f"showing {'those' if shown[0][4]['agrees'] else 'the closest'}:")
-    print(table(["KERNEL LATENESS", "LOOP LAG <=", "CPU WINDOWS >=", "FAR BUT VALID",
-                 "WITHIN BUT INVALID", "AGREES", "AUTO WOULD PICK"],
+    shown = [t for t in judged if t[-1]["agrees"]] or sorted(
+        judged, key=lambda t: t[-1]["far_but_valid"] + t[-1]["within_but_invalid"])[:15]
+    print(f"{sum(t[-1]['agrees'] for t in judged)} of {len(judged)} threshold sets agree; "
+          f"showing {'those' if shown[0][-1]['agrees'] else 'the closest'}:")
+    print(table(["KERNEL LATENESS", "LOOP LAG <=", "CPU WINDOWS >=", "AGENT CPU <=",
+                 "FAR BUT VALID", "WITHIN BUT INVALID", "AGREES", "AUTO WOULD PICK"],
                 [[f"{statistic_name(q)} <= {k:.2%}", f"{lag * 1e3:g} ms", f"{c:.0%}",
+                  "-" if a == float("inf") else f"{a:.0%}",
                   str(j["far_but_valid"]), str(j["within_but_invalid"]),
                   "yes" if j["agrees"] else "no",
-                  ", ".join(f"{Path(t).stem} {repick(p['pilots'], q, k, lag, c)}"
+                  ", ".join(f"{Path(t).stem} {repick(p['pilots'], q, k, lag, c, a)}"
                             for t, p in picks.items())]
-                 for q, k, lag, c, j in shown]))
+                 for q, k, lag, c, a, j in shown]))
 
 
 def run_one(scenario: Scenario, topology: str, policy: str, tdf: float,

@@ -40,7 +40,7 @@ def test_an_overloaded_host_makes_the_run_invalid():
     verdict = result["fidelity"]
     assert not verdict["valid"]
     failed = {name for name, c in checks(result).items() if not c["passed"]}
-    assert failed & {"host CPU headroom", "event-loop lag", "kernel lateness"}, verdict
+    assert failed & {"host CPU headroom", "event-loop lag", "kernel lateness", "agent CPU"}, verdict
     assert verdict["summary"].startswith("INVALID: ")
     for name in failed:
         assert name in verdict["summary"]

@@ -40,7 +40,7 @@ def test_smoke_scenario_runs_every_policy_and_writes_its_report(tmp_path):
         assert s["verdict"] == "VALID" if s["valid"] else s["verdict"].startswith("INVALID: ")
     for r in results["results"]:
         assert {c["name"] for c in r["fidelity"]["checks"]} == {
-            "host CPU headroom", "link pace", "kernel lateness", "event-loop lag"}
+            "host CPU headroom", "link pace", "kernel lateness", "event-loop lag", "agent CPU"}
     assert "Fidelity: " in summary_md and "TDF 1 (from the topology)" in summary_md
     for figure in ("jct.png", "snic.png", "ttft_cdf.png"):
         data = (out / figure).read_bytes()

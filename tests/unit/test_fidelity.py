@@ -13,9 +13,10 @@ import pytest
 from agents.fidelity import (KERNEL_WINDOW, KernelLateness, LatenessPairs, Quantiles,
                              Timeliness)
 from agents.gpu import Gpu
-from testbed.bench.dilation import kernel_figure
-from testbed.fidelity import (KERNEL_LATENESS_MAX, LOOP_LAG_MAX, Verdict, cpu_check,
-                              kernel_check, link_check, loop_check, pace_window, windows)
+from testbed.bench.dilation import kernel_figure, passes
+from testbed.fidelity import (AGENT_CPU_MAX, KERNEL_LATENESS_MAX, LOOP_LAG_MAX, Verdict,
+                              agent_cpu_check, cpu_check, kernel_check, link_check, loop_check,
+                              pace_window, windows)
 
 RATE = 80_000_000         # bits/s: 10 MB/s, fast enough for 1 s windows
 
@@ -261,6 +262,48 @@ def test_lateness_pairs_judge_the_same_kernels_again_past_another_granularity():
     assert pairs.shares(beyond=0.005).quantile(0.99) == 0.0
     assert LatenessPairs().merge(pairs).merge(pairs).shares().count == pytest.approx(
         2 * pairs.shares().count)
+
+
+def test_an_agent_busy_on_short_callbacks_shows_in_its_cpu_share_not_its_loop_lag():
+    """Callbacks of 4 ms back to back keep the process on the CPU most of the time, yet the
+    10 Hz probe wakes at most a callback late: the CPU share fails, the lag passes."""
+    async def busy() -> Timeliness:
+        timeliness = Timeliness()
+        timeliness.start()
+        until = time.monotonic() + 2.5
+        while time.monotonic() < until:
+            spin = time.process_time() + 0.004
+            while time.process_time() < spin:
+                pass
+            await asyncio.sleep(0.001)
+        timeliness.stop()
+        return timeliness
+    timeliness = asyncio.run(busy())
+    assert timeliness.cpu.count >= 2                       # two whole 1 s windows
+    assert timeliness.cpu.quantile(0.5) > 0.5
+    assert loop_check({"n0": timeliness.loop_lag}, []).passed
+    check = agent_cpu_check({"n0": timeliness.cpu})
+    assert not check.passed and "(n0)" in check.figure
+
+
+def test_agent_cpu_fails_above_its_threshold_by_name_and_with_no_report():
+    idle, busy = Quantiles(), Quantiles()
+    for _ in range(100):
+        idle.add(AGENT_CPU_MAX / 4)
+        busy.add(AGENT_CPU_MAX / 4)
+    for _ in range(5):
+        busy.add(min(1.0, AGENT_CPU_MAX * 1.5))            # 5% of its windows too busy
+    assert agent_cpu_check({"n0": idle, "client": idle}).passed
+    check = agent_cpu_check({"n0": idle, "n1g0": busy})
+    assert not check.passed and "(n1g0)" in check.figure and "1 of 2 agents over" in check.figure
+    assert not agent_cpu_check({}).passed                  # no agent answered: no evidence
+
+
+def test_rejudge_judges_agent_cpu_only_where_a_run_kept_it():
+    kept = [{"name": "agent CPU", "passed": True, "value": 0.45}]
+    assert passes(kept, 8, ("kernels", 0.99), 0.1, 0.02, 0.95, 0.5)
+    assert not passes(kept, 8, ("kernels", 0.99), 0.1, 0.02, 0.95, 0.4)
+    assert passes([], 8, ("kernels", 0.99), 0.1, 0.02, 0.95, 0.4)   # stored before it
 
 
 def test_rejudge_reads_kernels_past_a_coarser_timer_granularity_in_wall_time():
