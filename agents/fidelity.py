@@ -176,6 +176,7 @@ class Timeliness:
         self.cpu = Quantiles()
         self.kernel_lateness = KernelLateness()
         self.watching: asyncio.Task | None = None
+        self.cpu_window = (time.monotonic(), time.process_time())    # (wall, CPU) at its start
 
     def start(self) -> None:
         """Probe the running event loop from now on."""
@@ -189,7 +190,7 @@ class Timeliness:
         """Sleep LOOP_LAG_PERIOD at a time; how much later than asked the loop woke is its
         lag: the time every other callback of this agent waited too. Every CPU_WINDOW, the
         share of it the process spent on a CPU."""
-        window_wall, window_cpu = time.monotonic(), time.process_time()
+        self.start_cpu_window()
         while True:
             started = time.monotonic()
             await asyncio.sleep(LOOP_LAG_PERIOD)
@@ -197,14 +198,21 @@ class Timeliness:
             slept = now - started
             late = clock.emulated(max(0.0, slept - LOOP_LAG_PERIOD))
             self.loop_lag.add(late, weight=clock.emulated(slept))
+            window_wall, window_cpu = self.cpu_window
             if now - window_wall >= CPU_WINDOW:
-                cpu = time.process_time()
-                self.cpu.add((cpu - window_cpu) / (now - window_wall), weight=now - window_wall)
-                window_wall, window_cpu = now, cpu
+                self.cpu.add((time.process_time() - window_cpu) / (now - window_wall),
+                             weight=now - window_wall)
+                self.start_cpu_window()
+
+    def start_cpu_window(self) -> None:
+        self.cpu_window = (time.monotonic(), time.process_time())
 
     def report(self, reset: bool) -> dict:
         reply = {"loop_lag": self.loop_lag.to_json(), "cpu": self.cpu.to_json(),
                  "kernel_lateness": self.kernel_lateness.report(reset)}
         if reset:
+            # A new window too: the one under way may hold work from before the reset (a
+            # storage agent seeding the workload's KV to disk).
             self.loop_lag, self.cpu = Quantiles(), Quantiles()
+            self.start_cpu_window()
         return reply
