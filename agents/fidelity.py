@@ -176,7 +176,7 @@ class Timeliness:
         self.cpu = Quantiles()
         self.kernel_lateness = KernelLateness()
         self.watching: asyncio.Task | None = None
-        self.cpu_window = (time.monotonic(), time.process_time())    # (wall, CPU) at its start
+        self.start_cpu_window()
 
     def start(self) -> None:
         """Probe the running event loop from now on."""
@@ -205,7 +205,7 @@ class Timeliness:
                 self.start_cpu_window()
 
     def start_cpu_window(self) -> None:
-        self.cpu_window = (time.monotonic(), time.process_time())
+        self.cpu_window = (time.monotonic(), time.process_time())     # (wall, CPU) at its start
 
     def report(self, reset: bool) -> dict:
         reply = {"loop_lag": self.loop_lag.to_json(), "cpu": self.cpu.to_json(),

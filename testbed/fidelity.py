@@ -193,35 +193,37 @@ def kernel_check(kernels: Quantiles, windows: Quantiles | None = None,
                  f"(needs <= {KERNEL_LATENESS_MAX:.0%})", p99, histograms)
 
 
+def worst_agent_check(name: str, per_agent: dict[str, Quantiles], limit: float,
+                      unreported: str, describe: Callable[[float, str], str]) -> Check:
+    """A per-agent figure (its p99) judged against `limit`: the figure is the worst agent's,
+    `describe(figure, agent)` says it, and every agent over the limit is counted."""
+    measured = {agent: q.quantile(QUANTILE) for agent, q in per_agent.items() if q.count}
+    if not measured:
+        return Check(name, False, unreported)
+    worst = max(measured, key=measured.get)
+    over_limit = [a for a, figure in measured.items() if figure > limit]
+    over = f"; {len(over_limit)} of {len(measured)} agents over" if over_limit else ""
+    return Check(name, not over_limit, describe(measured[worst], worst) + over,
+                 measured[worst], {agent: per_agent[agent].to_json() for agent in measured})
+
+
 def loop_check(lags: dict[str, Quantiles], silent: list[str]) -> Check:
     """`silent`: agents that did not answer for their loop, the most overloaded ones perhaps."""
     if silent:
         return Check("event-loop lag", False,
                      f"no report from {len(silent)} agent(s): {', '.join(silent)}")
-    measured = {agent: q.quantile(QUANTILE) for agent, q in lags.items() if q.count}
-    if not measured:
-        return Check("event-loop lag", False, "no agent reported its event loop")
-    worst = max(measured, key=measured.get)
-    late = sorted(a for a, lag in measured.items() if lag > LOOP_LAG_MAX)
-    over = f"; {len(late)} of {len(measured)} agents over" if late else ""
-    return Check("event-loop lag", not late,
-                 f"worst p99 {measured[worst] * 1e3:.1f} ms ({worst}), emulated "
-                 f"(needs <= {LOOP_LAG_MAX * 1e3:.0f} ms){over}", measured[worst],
-                 {agent: lags[agent].to_json() for agent in measured})
+    return worst_agent_check(
+        "event-loop lag", lags, LOOP_LAG_MAX, "no agent reported its event loop",
+        lambda lag, agent: f"worst p99 {lag * 1e3:.1f} ms ({agent}), emulated "
+                           f"(needs <= {LOOP_LAG_MAX * 1e3:.0f} ms)")
 
 
 def agent_cpu_check(cpu: dict[str, Quantiles]) -> Check:
     """`cpu`: each agent's CPU share per 1 s window (agents/fidelity.py, Timeliness)."""
-    measured = {agent: q.quantile(QUANTILE) for agent, q in cpu.items() if q.count}
-    if not measured:
-        return Check("agent CPU", False, "no agent reported its CPU use")
-    worst = max(measured, key=measured.get)
-    busy = sorted(a for a, share in measured.items() if share > AGENT_CPU_MAX)
-    over = f"; {len(busy)} of {len(measured)} agents over" if busy else ""
-    return Check("agent CPU", not busy,
-                 f"busiest p99 {measured[worst]:.0%} of a core ({worst}) "
-                 f"(needs <= {AGENT_CPU_MAX:.0%}){over}", measured[worst],
-                 {agent: cpu[agent].to_json() for agent in measured})
+    return worst_agent_check(
+        "agent CPU", cpu, AGENT_CPU_MAX, "no agent reported its CPU use",
+        lambda share, agent: f"busiest p99 {share:.0%} of a core ({agent}) "
+                             f"(needs <= {AGENT_CPU_MAX:.0%})")
 
 
 class FidelityWatch:

@@ -302,8 +302,8 @@ async def inject(faults: list[FaultSpec], injector: Injector, outcome: Outcome,
 
 
 async def collect_timeliness(plan: ClusterPlan, reset: bool) -> dict[str, dict]:
-    """Every agent's event-loop lag and kernel lateness since its last reset (`reset`: start
-    anew); an agent that does not answer is left out (the verdict names it)."""
+    """Every agent's event-loop lag, CPU share and kernel lateness since its last reset
+    (`reset`: start anew); an agent that does not answer is left out (the verdict names it)."""
     hosts = plan.hosts
     replies = await asyncio.gather(*(acall(h.address("mgmt"), "fidelity", timeout=10,
                                            reset=reset) for h in hosts), return_exceptions=True)

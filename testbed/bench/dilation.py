@@ -23,8 +23,9 @@ goes, <timestamp>.partial.json). About 115 minutes on a 2-core machine.
 
 `--rejudge FILE` reads a finished bench's rows and tells, for other thresholds of kernel
 lateness (other quantiles of it and its mean, 1 s windows, a coarser timer granularity,
-from the histograms each run keeps), event-loop lag, CPU headroom and agent CPU, whether the verdict
-would agree with convergence: the evidence behind the thresholds in testbed/fidelity.py.
+from the histograms each run keeps), event-loop lag, CPU headroom and agent CPU, whether
+the verdict would agree with convergence: the evidence behind the thresholds in
+testbed/fidelity.py.
 """
 
 from __future__ import annotations
