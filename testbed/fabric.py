@@ -8,6 +8,7 @@ host end shapes what the host sends, the bridge end what it receives.
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import time
 from collections.abc import Callable
@@ -20,11 +21,13 @@ from pyroute2 import IPRoute
 
 from testbed import cleanup, qos
 from testbed.errors import TestbedError
-from testbed.hosts import HOST_MARKER, ContainerPool, DockerHost, NetnsHost, remove_containers
+from testbed.hosts import (HOST_MARKER, ContainerPool, DockerHost, NetnsHost, host_sysctls,
+                           remove_containers)
 from testbed.plan import BRIDGES, ROOT_MGMT_ADDRESS, NETWORKS, ClusterPlan, Host
 from testbed.state import FabricLock, FabricRecord, HostRecord, fabric_running
 
 BRIDGE_NETFILTER = Path("/proc/sys/net/bridge")
+TCP_RTO_MIN_KNOB = Path("/proc/sys/net/ipv4/tcp_rto_min_us")
 
 
 class FabricBridge(LinuxBridge):
@@ -53,6 +56,11 @@ def preflight(backend: str) -> None:
                           ("ifconfig", "net-tools")):
         if shutil.which(tool) is None:
             raise TestbedError(f"{tool} not found (Debian package {package}): run `make setup`")
+    if not TCP_RTO_MIN_KNOB.exists():
+        raise TestbedError(f"this kernel ({platform.release()}) has no {TCP_RTO_MIN_KNOB}: the "
+                           "fabric needs Linux 6.11 or later, whose network namespaces each set "
+                           "the floor of TCP's retransmission timeout (stretched by the time "
+                           "dilation, like every emulated timeout)")
     # Docker turns on bridge netfilter with a FORWARD policy of DROP, which would silently
     # drop every packet crossing our bridges. Bridged frames must bypass iptables.
     for table in ("iptables", "ip6tables", "arptables"):
@@ -130,10 +138,11 @@ class Fabric:
         self.progress(f"  {time.monotonic() - started:5.1f} s  {what}")
 
     def _add_hosts(self) -> None:
+        sysctls = host_sysctls(self.plan.topology.dilation)
         if self.backend == "docker":
             from testbed.image import docker_client, require_agent_image
             client = docker_client()
-            pool = ContainerPool(client, require_agent_image(client))
+            pool = ContainerPool(client, require_agent_image(client), sysctls)
             names = [h.name for h in self.plan.hosts]
             try:
                 started = pool.start(names)
@@ -145,7 +154,8 @@ class Fabric:
                                                     container=started[name])
         else:
             for host in self.plan.hosts:
-                self.nodes[host.name] = self.net.addHost(host.name, cls=NetnsHost)
+                self.nodes[host.name] = self.net.addHost(host.name, cls=NetnsHost,
+                                                         sysctls=sysctls)
 
     def _shape(self) -> None:
         """MTU and HTB on both ends of every fabric link (the management network is neither)."""

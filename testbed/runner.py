@@ -47,6 +47,7 @@ from testbed.request import (GENERATED_BLOCKS, MISS_BLOCKS, PROMPT_BLOCK_TOKENS,
                              split)
 from testbed.scenario import REPO, Scenario, Workload, topology_name
 from testbed.state import FabricRecord
+from testbed.tcpstats import resent_segments
 from testbed.topology import load_topology
 from testbed.trace import load_trace
 from testbed.workload import Turn, generate_trajectories, poisson_arrivals
@@ -444,12 +445,13 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
                              scenario=scenario.name, policy=policy, annotator=annotator)
     with cluster as fabric:
         record = FabricRecord.read()
-        before = counters.snapshot(record)
+        before, resent_before = counters.snapshot(record), resent_segments(record)
         client = ClientView(cluster.exporter.client, policy, topology.scale)
         with FidelityWatch(record, cluster.injector.intended_rate) as watch:
             result = asyncio.run(run_workload(fabric.plan, scenario, policy, workload,
                                               client, cluster, watch, horizon))
         moved = counters.delta(before, counters.snapshot(record))
+        resent = resent_segments(record) - resent_before
     verdict = watch.verdict(result.pop("kernel_lateness"), result.pop("loop_lags"),
                             result.pop("agent_cpu"), result.pop("silent"))
     print(f"  {policy}: {verdict.summary()}", flush=True)
@@ -458,6 +460,7 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
     result.update(topology=topology.name, aps=aps, prefill_nodes=topology.prefill_nodes,
                   decode_nodes=topology.decode_nodes, scale=topology.scale,
                   snic_read_bytes=snic, host_cpu=watch.cpu_mean, time_dilation=dilation,
+                  tcp_resent_segments=resent,
                   fidelity=verdict.to_json())
     return result
 
@@ -518,6 +521,7 @@ def summarize(result: dict, workload: Workload) -> dict:
             "verified_bytes": sum(r["prompt_bytes_verified"] for r in records) * result["scale"],
             "corrupt_bytes": sum(r["corrupt_bytes"] for r in records) * result["scale"],
             "host_cpu": result["host_cpu"], "time_dilation": result["time_dilation"],
+            "tcp_resent_segments": result["tcp_resent_segments"],
             "valid": result["fidelity"]["valid"], "verdict": result["fidelity"]["summary"],
             "dilation_source": result.get("dilation_source", "")}
 

@@ -16,6 +16,8 @@ convergence when:
   - `auto` (testbed/dilation.py, its pilots run here too) picks, per topology, the smallest
     TDF from which every policy's runs are within the tolerance.
 The workload is sized so that basic's busiest SNIC is at least 80% busy (checked, printed).
+RESENT is the TCP segments the hosts' kernels resent in a run (testbed/tcpstats.py): with
+nothing lost on the fabric, any would be spurious bytes on the links.
 The bench exits 1 when any of these fails, after writing its results.
 
 Prints the table and writes results/bench-dilation/<timestamp>.json and .md (and, as it
@@ -296,6 +298,7 @@ def main() -> None:
                              "wall_seconds": result["wall_seconds"],
                              "busiest_snic": busiest_snic(result), "failed": summary["failed"],
                              "host_cpu": result["host_cpu"],
+                             "resent": result["tcp_resent_segments"],
                              "phases": phase_means(result["records"]),
                              "valid": result["fidelity"]["valid"],
                              "verdict": result["fidelity"]["summary"],
@@ -311,11 +314,12 @@ def main() -> None:
     basic_busy = min((r["busiest_snic"] for r in rows if r["policy"] == "basic"), default=0)
 
     text = table(["TOPOLOGY", "POLICY", "TDF", "#", "MEAN JCT", "MAKESPAN", "WALL", "DISTANCE",
-                  "TOLERANCE", "BUSIEST SNIC", "VERDICT"],
+                  "TOLERANCE", "BUSIEST SNIC", "RESENT", "VERDICT"],
                  [[r["topology"], r["policy"], f"{r['tdf']:g}", str(r["repeat"]),
                    f"{r['jct']:.2f} s", f"{r['makespan']:.2f} s", f"{r['wall_seconds']:.0f} s",
                    f"{r['distance']:.1%}",
-                   f"{r['tolerance']:.1%}", f"{r['busiest_snic']:.0%}", r["verdict"]]
+                   f"{r['tolerance']:.1%}", f"{r['busiest_snic']:.0%}", str(r["resent"]),
+                   r["verdict"]]
                   for r in rows])
     text += (f"\n\nverdict against convergence: {agreement['far_but_valid']} runs outside the "
              f"tolerance called VALID (needs 0), {agreement['within_but_invalid']} within it "

@@ -113,3 +113,5 @@ def test_virtual_time_keeps_emulated_figures_while_the_wall_time_stretches():
     assert verified[0] == verified[1] > 0
     wire = [sum(res["snic_read_bytes"].values()) for res in (one, two)]
     assert wire[1] == pytest.approx(wire[0], rel=0.01)
+    # nothing was lost on the fabric, so no host's TCP resent anything (testbed/hosts.py)
+    assert [res["tcp_resent_segments"] for res in (one, two)] == [0, 0]
