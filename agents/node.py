@@ -42,12 +42,6 @@ UNREACHABLE_SECONDS = 5.0
 # emulated bytes) and written to it once it answers again, so that its copies come back.
 HANDOFF_BYTES = 256 << 20
 HANDOFF_SECONDS = 1.0
-# Reads in flight to each storage host: with one, the SNIC idles between two reads for a
-# round trip and the storage agent's start of the next, which is wall time that virtual
-# time does not stretch (basic on 1P2D at TDF 4: mean JCT 3.40 s, makespan 13.39 s); with
-# two, the next read starts while the last one's bytes still flow, as a storage client keeps
-# several reads outstanding (3.27 s and 13.11 s, against 3.24 s and 13.04 s at TDF 16).
-CONNECTIONS_PER_HOST = 2
 
 
 class Buffer:
@@ -123,71 +117,55 @@ class Reachability:
         return sorted(hosts, key=lambda h: self.why_not(h) is not None)
 
 
-@dataclass
-class StorageConnection:
-    """One TCP connection to a storage host, opened on first use and again after a break."""
-    streams: tuple[asyncio.StreamReader, asyncio.StreamWriter] | None = None
-
-
 class StorageLink:
-    """Connections to one storage host over the SNIC, each carrying one exchange at a time.
-    A host that does not answer (refused, silent, broken mid-reply) is marked in
-    `reachability`, and every exchange waiting behind the failed one gives up at once with
-    the reason."""
+    """One connection to one storage host over the SNIC; one exchange at a time. A host that
+    does not answer (refused, silent, broken mid-reply) is marked in `reachability`, and
+    every exchange waiting behind the failed one gives up at once with the reason."""
 
-    def __init__(self, host: str, address: str, reachability: Reachability,
-                 connections: int = CONNECTIONS_PER_HOST):
+    def __init__(self, host: str, address: str, reachability: Reachability):
         self.host, self.address, self.reachability = host, address, reachability
-        self.idle: asyncio.Queue[StorageConnection] = asyncio.Queue()
-        for _ in range(connections):
-            self.idle.put_nowait(StorageConnection())
+        self.lock = asyncio.Lock()
+        self.streams = None
 
     async def exchange(self, send: list[Frame], on_reply, replies: int) -> None:
-        connection = await self.idle.get()
-        try:
-            await self._exchange(connection, send, on_reply, replies)
-        finally:
-            self.idle.put_nowait(connection)
-
-    async def _exchange(self, connection: StorageConnection, send: list[Frame], on_reply,
-                        replies: int) -> None:
-        if (why := self.reachability.why_not(self.host)) is not None:
-            raise PeerError(f"storage host {self.host} unreachable: {why}")
-        # A connection kept from earlier may have been closed by a storage agent that
-        # restarted since: one that breaks before any reply is tried once more, afresh
-        # (READ and WRITE may be sent twice).
-        for fresh in (connection.streams is None, True):
-            answered = 0
-            try:
-                if connection.streams is None:
-                    connection.streams = await protocol.open_connection(
-                        self.address, STORAGE_PORT, protocol.DSCP_CS1)
-                reader, writer = connection.streams
-                for frame in send:
-                    await protocol.write_frame(writer, frame)
-                for _ in range(replies):
-                    reply = await protocol.expect(reader, MessageType.FULL_BLOCK,
-                                                  MessageType.ACK)
-                    answered += 1
-                    on_reply(reply)
-                return
-            except PeerError:
-                # The storage agent stops answering a READ at its first ERROR: the
-                # connection is in a known state.
-                raise
-            except BaseException as exc:
-                # Replies may be left unread (cancelled, broken, malformed): start afresh.
-                if connection.streams:
-                    connection.streams[1].close()
-                connection.streams = None
-                if not isinstance(exc, (OSError, asyncio.IncompleteReadError,
-                                        asyncio.TimeoutError, ProtocolError)):
+        async with self.lock:
+            if (why := self.reachability.why_not(self.host)) is not None:
+                raise PeerError(f"storage host {self.host} unreachable: {why}")
+            # A connection kept from earlier may have been closed by a storage agent that
+            # restarted since: one that breaks before any reply is tried once more, afresh
+            # (READ and WRITE may be sent twice).
+            for fresh in (self.streams is None, True):
+                answered = 0
+                try:
+                    if self.streams is None:
+                        self.streams = await protocol.open_connection(
+                            self.address, STORAGE_PORT, protocol.DSCP_CS1)
+                    reader, writer = self.streams
+                    for frame in send:
+                        await protocol.write_frame(writer, frame)
+                    for _ in range(replies):
+                        reply = await protocol.expect(reader, MessageType.FULL_BLOCK,
+                                                      MessageType.ACK)
+                        answered += 1
+                        on_reply(reply)
+                    return
+                except PeerError:
+                    # The storage agent stops answering a READ at its first ERROR: the
+                    # connection is in a known state.
                     raise
-                if not fresh and not answered:
-                    continue
-                self.reachability.failed(self.host, error_text(exc))
-                raise PeerError(f"storage host {self.host} unreachable: "
-                                f"{error_text(exc)}") from None
+                except BaseException as exc:
+                    # Replies may be left unread (cancelled, broken, malformed): start afresh.
+                    if self.streams:
+                        self.streams[1].close()
+                    self.streams = None
+                    if not isinstance(exc, (OSError, asyncio.IncompleteReadError,
+                                            asyncio.TimeoutError, ProtocolError)):
+                        raise
+                    if not fresh and not answered:
+                        continue
+                    self.reachability.failed(self.host, error_text(exc))
+                    raise PeerError(f"storage host {self.host} unreachable: "
+                                    f"{error_text(exc)}") from None
 
 
 class NodeAgent(Agent):
