@@ -42,6 +42,12 @@ UNREACHABLE_SECONDS = 5.0
 # emulated bytes) and written to it once it answers again, so that its copies come back.
 HANDOFF_BYTES = 256 << 20
 HANDOFF_SECONDS = 1.0
+# Requests whose blocks are read from storage at once. A request's blocks are spread over
+# the storage hosts, and each host's link serves its reads in order; with every queued read
+# in flight, one host's queue ran ahead of another's, so the SNIC carried parts of later
+# requests while earlier ones waited for their last part, and by how far hung on timing.
+# Two keep the SNIC busy across the round trip between two requests.
+READS_IN_FLIGHT = 2
 
 
 class Buffer:
@@ -186,6 +192,7 @@ class NodeAgent(Agent):
         self.prompts: dict[int, Prompt] = {}
         self.dropped: set[int] = set()         # requests that failed: never wait for them
         self.read_queue_tokens = 0
+        self.reading = asyncio.Semaphore(READS_IN_FLIGHT)
         self.verifier = Verifier()
         self.counters = {"storage_read_bytes": 0, "storage_write_bytes": 0,
                          "layer_bytes_local": 0, "layer_bytes_remote": 0,
@@ -280,32 +287,38 @@ class NodeAgent(Agent):
         self.read_queue_tokens += tokens
         try:
             await self.hold(request, geometry.blocks_bytes(blocks))
-            got: dict[int, bytes] = {}
-            pending = list(blocks)
-            tried: dict[int, set[str]] = {}
-            reasons: list[str] = []
-            for attempt in range(self.replicas):
-                by_host: dict[str, list[Block]] = {}
-                for block in pending:
-                    hosts = self.reachability.best_first(placement(
-                        block[0], self.storage_hosts, self.replicas))
-                    host = next((h for h in hosts if h not in tried.setdefault(block[0], set())),
-                                None)
-                    if host:
-                        tried[block[0]].add(host)
-                        by_host.setdefault(host, []).append(block)
-                results = await asyncio.gather(
-                    *(self._read_from(h, request, geometry, bs, got) for h, bs in by_host.items()),
-                    return_exceptions=True)
-                reasons += [str(r) for r in results if isinstance(r, Exception)]
-                pending = [b for b in pending if b[0] not in got]
-                if not pending:
-                    return got
-                if attempt == self.replicas - 1:
-                    raise PeerError("; ".join(dict.fromkeys(reasons)) or "blocks missing")
-            return got
+            async with self.reading:
+                return await self._read_replicas(request, geometry, blocks)
         finally:
             self.read_queue_tokens -= tokens
+
+    async def _read_replicas(self, request: int, geometry: Geometry,
+                             blocks: list[Block]) -> dict[int, bytes]:
+        """Each block from the first replica that has it whole."""
+        got: dict[int, bytes] = {}
+        pending = list(blocks)
+        tried: dict[int, set[str]] = {}
+        reasons: list[str] = []
+        for attempt in range(self.replicas):
+            by_host: dict[str, list[Block]] = {}
+            for block in pending:
+                hosts = self.reachability.best_first(placement(
+                    block[0], self.storage_hosts, self.replicas))
+                host = next((h for h in hosts if h not in tried.setdefault(block[0], set())),
+                            None)
+                if host:
+                    tried[block[0]].add(host)
+                    by_host.setdefault(host, []).append(block)
+            results = await asyncio.gather(
+                *(self._read_from(h, request, geometry, bs, got) for h, bs in by_host.items()),
+                return_exceptions=True)
+            reasons += [str(r) for r in results if isinstance(r, Exception)]
+            pending = [b for b in pending if b[0] not in got]
+            if not pending:
+                return got
+            if attempt == self.replicas - 1:
+                raise PeerError("; ".join(dict.fromkeys(reasons)) or "blocks missing")
+        return got
 
     async def _read_from(self, host: str, request: int, geometry: Geometry, blocks: list[Block],
                          got: dict[int, bytes]) -> None:
