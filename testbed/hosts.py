@@ -26,8 +26,8 @@ TCP_RTO_MIN_SECONDS = 0.2
 def host_sysctls(dilation: float) -> dict[str, str]:
     """Every host's kernel settings at time dilation `dilation`: no forwarding between fabrics
     inside a host, no IPv6 chatter on the emulated links, and TCP that resends only what was
-    lost. The fabric's queues hold whatever the senders' windows allow, so nothing is lost
-    unless a fault takes a link away, and a timer that fires first is spurious: a tail-loss
+    lost. The fabric's queues hold whatever the senders' windows allow, so next to nothing is
+    lost unless a fault takes a link away, and a timer that fires first is spurious: a tail-loss
     probe (2 RTTs without an ACK) or a retransmission timeout after a burst queued behind
     another connection's. Each resends bytes that the paper's lossless RDMA fabric never
     would, and each came at random: basic on 2P2D at TDF 8 resent 8-19 segments a run, and

@@ -1,8 +1,9 @@
 """TCP segments that the emulated hosts' kernels resent, from each host's own SNMP counters.
 
-The fabric loses nothing unless a fault takes a link away (its queues hold whatever the
-senders' windows allow), so outside faults every resent segment was spurious: bytes on a
-link that the paper's lossless RDMA fabric would not carry (testbed/hosts.py, host_sysctls).
+The fabric loses almost nothing unless a fault takes a link away (its queues hold whatever
+the senders' windows allow; one 1P2D run in about eight resent a segment after a real loss),
+so outside faults a resent segment is nearly always spurious: bytes on a link that the
+paper's lossless RDMA fabric would not carry (testbed/hosts.py, host_sysctls).
 """
 
 from __future__ import annotations
