@@ -36,7 +36,6 @@ import argparse
 import itertools
 import json
 import time
-from collections import Counter
 from pathlib import Path
 
 from agents.fidelity import LatenessPairs, Quantiles
@@ -197,16 +196,21 @@ def rejudge(rows: list[dict], *thresholds) -> dict:
 
 
 def repick(pilots: list[dict], *thresholds) -> str:
-    """`auto`'s pick from its stored pilots at these thresholds: the smallest TDF whose
-    pilots all pass, with '?' when a policy was not piloted there as often as auto pilots
-    (auto went on after the first that failed)."""
-    wanted = dilations.pilot_policies(POLICIES)
+    """`auto`'s pick from its stored pilots at these thresholds: the smallest TDF at which a
+    majority of every piloted policy's pilots passes, with '?' when the stored pilots settle
+    no vote there (auto drew no more once its own thresholds had settled one)."""
+    majority = dilations.PILOT_MAJORITY
     for tdf in sorted({p["tdf"] for p in pilots}):
-        at = [p for p in pilots if p["tdf"] == tdf]
-        if all(passes(p["checks"], tdf, *thresholds) for p in at):
-            piloted = Counter(p["policy"] for p in at)
-            whole = all(piloted[policy] >= dilations.PILOT_ROUNDS for policy in wanted)
-            return f"{tdf:g}" + ("" if whole else "?")
+        for policy in dilations.pilot_policies(POLICIES):
+            votes = [passes(p["checks"], tdf, *thresholds)
+                     for p in pilots if p["tdf"] == tdf and p["policy"] == policy]
+            if sum(votes) >= majority:
+                continue
+            if len(votes) - sum(votes) >= majority:
+                break
+            return f"{tdf:g}?"
+        else:
+            return f"{tdf:g}"
     return "none"
 
 

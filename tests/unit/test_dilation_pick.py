@@ -14,15 +14,21 @@ TOPOLOGY = REPO / "topologies" / "1p2d-g2.yaml"
 POLICIES = ["basic", "dualpath", "oracle"]
 
 
-def pilots_from(valid_at: dict[str, float], lucky: dict[str, float] | None = None):
-    """A pilot whose run is VALID from the given TDF on, per policy, and at the `lucky` TDF
-    on its first try alone; records each call."""
+def pilots_from(valid_at: dict[str, float], lucky: dict[str, float] | None = None,
+                unlucky: dict[str, float] | None = None):
+    """A pilot whose run is VALID from the given TDF on, per policy; at the `lucky` TDF its
+    first try alone is VALID, and at the `unlucky` TDF its first try alone is INVALID.
+    Records each call."""
     calls: list[tuple[str, float]] = []
 
     def pilot(policy: str, tdf: float) -> dict:
         first = (policy, tdf) not in calls
         calls.append((policy, tdf))
-        valid = tdf >= valid_at[policy] or (first and (lucky or {}).get(policy) == tdf)
+        valid = tdf >= valid_at[policy]
+        if first and (lucky or {}).get(policy) == tdf:
+            valid = True
+        if first and (unlucky or {}).get(policy) == tdf:
+            valid = False
         summary = "VALID" if valid else f"INVALID: kernel lateness at TDF {tdf:g}"
         return {"fidelity": {"valid": valid, "summary": summary}}
     return pilot, calls
@@ -32,27 +38,37 @@ def test_auto_picks_the_smallest_tdf_at_which_every_kv_moving_policy_is_valid():
     pilot, calls = pilots_from({"basic": 2, "dualpath": 4, "oracle": 16})
     tdf, why = pick(TOPOLOGY, POLICIES, pilot)
     assert tdf == 4
-    # oracle moves no KV and is never piloted beside policies that do; a TDF stops at the
-    # first INVALID pilot, and the one picked passed every pilot twice
-    assert calls == [("basic", 1), ("basic", 2), ("dualpath", 2), ("basic", 4),
-                     ("dualpath", 4), ("basic", 4), ("dualpath", 4)]
+    # oracle moves no KV and is never piloted beside policies that do; two pilots that agree
+    # settle a policy's vote, and a TDF stops at the first policy that votes INVALID
+    assert calls == [("basic", 1), ("basic", 1), ("basic", 2), ("basic", 2),
+                     ("dualpath", 2), ("dualpath", 2),
+                     ("basic", 4), ("basic", 4), ("dualpath", 4), ("dualpath", 4)]
     assert why.startswith("auto: TDF 4 for 1p2d-g2 (")
-    assert "TDF 1 basic INVALID" in why and "TDF 2 dualpath INVALID" in why
-    assert why.endswith("TDF 4 VALID in 2 pilots each)")
+    assert "TDF 1 basic INVALID: kernel lateness at TDF 1 (INVALID in 2 of 2 pilots" in why
+    assert "TDF 2 dualpath INVALID" in why
+    assert why.endswith("TDF 4 VALID: basic in 2 of 2, dualpath in 2 of 2)")
 
 
-def test_a_tdf_that_passes_one_pilot_by_luck_fails_the_second_and_is_not_picked():
+def test_a_tdf_that_passes_one_pilot_by_luck_loses_the_vote_and_is_not_picked():
     pilot, calls = pilots_from({"basic": 2, "dualpath": 8}, lucky={"dualpath": 4})
     tdf, why = pick(TOPOLOGY, POLICIES, pilot)
     assert tdf == 8
-    assert calls.count(("dualpath", 4)) == 2
-    assert "TDF 4 dualpath (pilot 2 of 2) INVALID" in why
+    assert calls.count(("dualpath", 4)) == 3
+    assert "TDF 4 dualpath INVALID: kernel lateness at TDF 4 (INVALID in 2 of 3 pilots" in why
+
+
+def test_a_tdf_whose_one_pilot_a_hiccup_fails_wins_the_vote_and_is_picked():
+    pilot, calls = pilots_from({"basic": 4, "dualpath": 2}, unlucky={"basic": 4})
+    tdf, why = pick(TOPOLOGY, POLICIES, pilot)
+    assert tdf == 4
+    assert calls.count(("basic", 4)) == 3
+    assert why.endswith("TDF 4 VALID: basic in 2 of 3, dualpath in 2 of 2)")
 
 
 def test_oracle_alone_is_piloted():
     pilot, calls = pilots_from({"oracle": 2})
     assert pick(TOPOLOGY, ["oracle"], pilot)[0] == 2
-    assert calls == [("oracle", 1), ("oracle", 2), ("oracle", 2)]
+    assert calls == [("oracle", 1), ("oracle", 1), ("oracle", 2), ("oracle", 2)]
 
 
 def test_with_no_valid_pilot_auto_takes_the_largest_tdf_and_says_so():
