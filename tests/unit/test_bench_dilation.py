@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from testbed.bench.dilation import judge, plan_runs
+from testbed.bench.dilation import judge, plan_runs, repick
 
 
 def test_the_reference_and_the_tdf_below_it_are_repeated_and_the_rest_run_once():
@@ -34,3 +34,24 @@ def test_a_tight_reference_leaves_the_floor_and_calls_a_valid_far_run_a_disagree
     agreement = judge(judged)
     assert {r["tolerance"] for r in judged} == {0.03}
     assert agreement == {"far_but_valid": 3, "within_but_invalid": 0, "agrees": False}
+
+
+def pilot(policy: str, tdf: float, valid: bool) -> dict:
+    # a check whose figure --rejudge does not judge again: it keeps its stored outcome
+    return {"policy": policy, "tdf": tdf,
+            "checks": [{"name": "link pace", "value": 1.0, "passed": valid}]}
+
+
+THRESHOLDS = (("kernels", 0.99), 0.10, 0.02, 0.95, float("inf"))
+
+
+def test_repick_takes_the_stored_pilots_majority_and_marks_a_vote_they_do_not_settle():
+    split_then_won = [pilot("basic", 2, False), pilot("basic", 2, False),
+                      pilot("basic", 4, True), pilot("basic", 4, False), pilot("basic", 4, True),
+                      pilot("dualpath", 4, True), pilot("dualpath", 4, True)]
+    assert repick(split_then_won, *THRESHOLDS) == "4"
+    # stored before pilots voted: one INVALID pilot, and auto went on to the next TDF
+    unsettled = [pilot("basic", 2, False), pilot("basic", 4, True), pilot("basic", 4, True),
+                 pilot("dualpath", 4, True), pilot("dualpath", 4, True)]
+    assert repick(unsettled, *THRESHOLDS) == "2?"
+    assert repick([pilot("basic", 2, False), pilot("basic", 2, False)], *THRESHOLDS) == "none"
