@@ -11,7 +11,6 @@ only when it is all the scenario runs.
 
 from __future__ import annotations
 
-import itertools
 from collections.abc import Callable
 
 from testbed.errors import TestbedError
@@ -57,9 +56,10 @@ def pilot_policies(policies: list[str]) -> list[str]:
     return moving or list(policies)
 
 
-def vote(verdicts) -> tuple[bool, int, str]:
-    """A policy's vote at one TDF from its pilots' verdicts, drawn one at a time until a
-    majority of PILOT_ROUNDS agrees: (passed, pilots drawn, the last INVALID summary)."""
+def vote(verdicts) -> tuple[int, int, str]:
+    """A policy's vote at one TDF from its pilots' verdicts, taken one at a time until
+    PILOT_MAJORITY agree: (VALID, INVALID, the last INVALID summary). It passes when the
+    VALID reach PILOT_MAJORITY."""
     passed = failed = 0
     summary = ""
     for verdict in verdicts:
@@ -70,7 +70,7 @@ def vote(verdicts) -> tuple[bool, int, str]:
             summary = verdict["summary"]
         if PILOT_MAJORITY in (passed, failed):
             break
-    return passed >= PILOT_MAJORITY, passed + failed, summary
+    return passed, failed, summary
 
 
 def pick(topology_path, policies: list[str], pilot: Pilot) -> tuple[float, str]:
@@ -84,12 +84,12 @@ def pick(topology_path, policies: list[str], pilot: Pilot) -> tuple[float, str]:
         tallies = []
         for policy in pilot_policies(policies):
             drawn = (pilot(policy, tdf)["fidelity"] for _ in range(PILOT_ROUNDS))
-            valid, pilots, summary = vote(drawn)
-            if not valid:
-                failed = (f"{policy} {summary} (INVALID in {PILOT_MAJORITY} of {pilots} "
+            passed, invalid, summary = vote(drawn)
+            if passed < PILOT_MAJORITY:
+                failed = (f"{policy} {summary} (INVALID in {invalid} of {passed + invalid} "
                           f"pilots, the last shown)")
                 break
-            tallies.append(f"{policy} in {PILOT_MAJORITY} of {pilots}")
+            tallies.append(f"{policy} in {passed} of {passed + invalid}")
         if failed is None:
             why = "; ".join(tried + [f"TDF {tdf:g} VALID: {', '.join(tallies)}"])
             return tdf, f"auto: TDF {tdf:g} for {topology.name} ({why})"

@@ -202,14 +202,14 @@ def repick(pilots: list[dict], *thresholds) -> str:
     """`auto`'s pick from its stored pilots at these thresholds: the smallest TDF at which a
     majority of every piloted policy's pilots passes, with '?' when the stored pilots settle
     no vote there (auto drew no more once its own thresholds had settled one)."""
-    majority = dilations.PILOT_MAJORITY
     for tdf in sorted({p["tdf"] for p in pilots}):
         for policy in dilations.pilot_policies(POLICIES):
-            votes = [passes(p["checks"], tdf, *thresholds)
-                     for p in pilots if p["tdf"] == tdf and p["policy"] == policy]
-            if sum(votes) >= majority:
+            passed, failed, _ = dilations.vote(
+                {"valid": passes(p["checks"], tdf, *thresholds), "summary": ""}
+                for p in pilots if p["tdf"] == tdf and p["policy"] == policy)
+            if passed >= dilations.PILOT_MAJORITY:
                 continue
-            if len(votes) - sum(votes) >= majority:
+            if failed >= dilations.PILOT_MAJORITY:
                 break
             return f"{tdf:g}?"
         else:
@@ -280,7 +280,7 @@ def main() -> None:
         print_rejudged(args.rejudge)
         return
     started = time.strftime("%Y%m%d-%H%M%S")
-    clock = time.monotonic()
+    began = time.monotonic()
     partial = REPO / "results" / "bench-dilation" / f"{started}.partial.json"
     partial.parent.mkdir(parents=True, exist_ok=True)
     rows, picks = [], {}
@@ -320,7 +320,7 @@ def main() -> None:
         pick["converged_tdf"] = converged.get(name)
         pick["agrees"] = pick["tdf"] == converged.get(name)
     basic_busy = min((r["busiest_snic"] for r in rows if r["policy"] == "basic"), default=0)
-    minutes = (time.monotonic() - clock) / 60
+    minutes = (time.monotonic() - began) / 60
 
     text = table(["TOPOLOGY", "POLICY", "TDF", "#", "MEAN JCT", "MAKESPAN", "WALL", "DISTANCE",
                   "TOLERANCE", "BUSIEST SNIC", "RESENT", "VERDICT"],
