@@ -12,7 +12,7 @@ import uuid
 from collections.abc import Iterator
 
 from agents.clock import clock
-from agents.fidelity import Timeliness
+from agents.fidelity import Timeliness, freeze_heap
 from agents.links import link_up
 from agents.metrics import agent_registry, serve_metrics
 from testbed.plan import ClusterPlan, Host, build_plan
@@ -49,8 +49,12 @@ class Agent:
         return {"ping": self.ping, "stats": self.stats, "fidelity": self.fidelity}
 
     async def fidelity(self, message: dict) -> dict:
-        """This agent's timeliness since the last reset (`reset: true` starts anew)."""
-        return self.timeliness.report(bool(message.get("reset")))
+        """This agent's timeliness since the last reset (`reset: true` starts anew, and is
+        sent as the workload starts: what the agent holds by then is frozen)."""
+        reset = bool(message.get("reset"))
+        if reset:
+            freeze_heap()
+        return self.timeliness.report(reset)
 
     async def ping(self, _message: dict) -> dict:
         """Who answers, which run of it, and whether each of its fabric links is up."""

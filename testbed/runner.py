@@ -24,7 +24,7 @@ from pathlib import Path
 
 from agents.clock import clock
 from agents.control import acall, error_text
-from agents.fidelity import LatenessPairs, Quantiles, Timeliness
+from agents.fidelity import LatenessPairs, Quantiles, Timeliness, freeze_heap
 from agents.kv import Block, Geometry
 from agents.node import DE_BUFFER_SHARE, DRAM_BYTES
 from agents.scheduling import alpha_tokens, beta_tokens
@@ -346,6 +346,7 @@ async def run_workload(plan: ClusterPlan, scenario: Scenario, policy: str,
     records = outcome.records
     geometry = Geometry.of(profile, plan.topology.scale)
     await collect_timeliness(plan, reset=True)
+    freeze_heap()                            # as each agent did on that reset
     client_timeliness = Timeliness()
     client_timeliness.start()
     began = time.time()                      # wall, for Prometheus

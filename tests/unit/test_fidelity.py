@@ -4,6 +4,7 @@ passing and failing, the percentiles the agents report, and the verdict's one li
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
 import random
 import time
@@ -11,7 +12,7 @@ import time
 import pytest
 
 from agents.fidelity import (KERNEL_WINDOW, KernelLateness, LatenessPairs, Quantiles,
-                             Timeliness)
+                             Timeliness, freeze_heap)
 from agents.gpu import Gpu
 from testbed.bench.dilation import kernel_figure, passes
 from testbed.fidelity import (AGENT_CPU_MAX, KERNEL_LATENESS_MAX, LOOP_LAG_MAX, Verdict,
@@ -179,6 +180,36 @@ def test_a_stall_counts_for_its_whole_length_in_the_loop_lag():
     lag = asyncio.run(stalled()).loop_lag
     assert lag.quantile(0.99) > 0.3
     assert not loop_check({"n0": lag}, []).passed
+
+
+def test_a_stall_before_a_reset_does_not_count_after_it():
+    """The stall an agent takes as the workload starts (its heap collected and frozen on the
+    reset) holds up the probe asleep across it; that probe measured time before the reset."""
+    async def reset_after_stall() -> Timeliness:
+        timeliness = Timeliness()
+        timeliness.start()
+        await asyncio.sleep(0.15)
+        time.sleep(0.3)                      # the loop blocked just before the reset
+        timeliness.report(reset=True)
+        await asyncio.sleep(0.35)
+        timeliness.stop()
+        return timeliness
+    lag = asyncio.run(reset_after_stall()).loop_lag
+    assert lag.count > 0                     # the probes after the reset were kept
+    assert lag.quantile(0.99) < 0.1
+    assert loop_check({"n0": lag}, []).passed
+
+
+def test_freezing_the_heap_leaves_earlier_objects_out_and_thaws_them_next_time():
+    try:
+        freeze_heap()
+        frozen = gc.get_freeze_count()
+        assert frozen > 0
+        kept = [[i] for i in range(1000)]    # allocated after: still collected as usual
+        freeze_heap()                        # the next workload: thawed, collected, frozen
+        assert gc.get_freeze_count() >= frozen + len(kept)
+    finally:
+        gc.unfreeze()
 
 
 def test_a_late_kernel_weighs_the_time_it_took():
