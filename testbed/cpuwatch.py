@@ -5,16 +5,25 @@ from __future__ import annotations
 
 import os
 import threading
+from typing import NamedTuple
 
 BUSY_LIMIT = 0.90      # above this share of all cores, a sample counts as CPU-bound
 
 
-def cpu_times() -> tuple[int, int]:
-    """(busy, total) jiffies of all cores since boot, from /proc/stat."""
+class CpuTimes(NamedTuple):
+    """Jiffies of all cores since boot. Steal (time a hypervisor gave this machine's virtual
+    CPUs to someone else) counts as busy: the host could not use it either."""
+    busy: int
+    total: int
+    steal: int
+
+
+def cpu_times() -> CpuTimes:
     with open("/proc/stat") as f:
         fields = [int(v) for v in f.readline().split()[1:]]
     idle = fields[3] + fields[4]          # idle + iowait
-    return sum(fields) - idle, sum(fields)
+    steal = fields[7] if len(fields) > 7 else 0
+    return CpuTimes(sum(fields) - idle, sum(fields), steal)
 
 
 class CpuWatch:
@@ -35,9 +44,9 @@ class CpuWatch:
         self._thread.join()
 
     def _run(self) -> None:
-        busy, total = cpu_times()
+        busy, total, _ = cpu_times()
         while not self._stop.wait(self.interval):
-            b, t = cpu_times()
+            b, t, _ = cpu_times()
             if t > total:
                 self.samples.append((b - busy) / (t - total))
             busy, total = b, t

@@ -247,7 +247,7 @@ class FidelityWatch:
                                               ("rx", "", ports.get(intf["switch_port"]))):
                     if index is not None:
                         self.ends.append(LinkEnd(host.name, intf["name"], direction, key, index))
-        self.cpu: list[tuple[float, int, int]] = []
+        self.cpu: list[tuple[float, int, int, int]] = []   # (time, busy, total, steal)
         self.links: dict[str, list[tuple]] = {end.name: [] for end in self.ends}
         # The latest sample's bytes received per (host, nic), with its time, replaced whole
         # so that a reader in another thread sees one sample of every host.
@@ -313,10 +313,21 @@ class FidelityWatch:
     @property
     def cpu_mean(self) -> float:
         """The mean busy share of all cores while the workload ran."""
+        return self._cpu_share(1)
+
+    @property
+    def cpu_steal(self) -> float:
+        """The share of all cores' time the hypervisor gave to other machines while the
+        workload ran (counted busy in `cpu_mean`): a host hiccup no agent caused."""
+        return self._cpu_share(3)
+
+    def _cpu_share(self, field: int) -> float:
+        """The share of all cores' time in a jiffy count of the CPU samples, while the
+        workload ran."""
         cpu = self._during(self.cpu)
         if len(cpu) < 2 or cpu[-1][2] <= cpu[0][2]:
             return 0.0
-        return (cpu[-1][1] - cpu[0][1]) / (cpu[-1][2] - cpu[0][2])
+        return (cpu[-1][field] - cpu[0][field]) / (cpu[-1][2] - cpu[0][2])
 
     def verdict(self, kernel_lateness: dict[str, Quantiles | LatenessPairs],
                 loop_lags: dict[str, Quantiles], agent_cpu: dict[str, Quantiles],

@@ -460,7 +460,8 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
             for n in fabric.plan.of_kind("node")}
     result.update(topology=topology.name, aps=aps, prefill_nodes=topology.prefill_nodes,
                   decode_nodes=topology.decode_nodes, scale=topology.scale,
-                  snic_read_bytes=snic, host_cpu=watch.cpu_mean, time_dilation=dilation,
+                  snic_read_bytes=snic, host_cpu=watch.cpu_mean, host_steal=watch.cpu_steal,
+                  time_dilation=dilation,
                   tcp_resent_segments=resent,
                   fidelity=verdict.to_json())
     return result

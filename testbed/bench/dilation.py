@@ -306,6 +306,7 @@ def main() -> None:
                              "wall_seconds": result["wall_seconds"],
                              "busiest_snic": busiest_snic(result), "failed": summary["failed"],
                              "host_cpu": result["host_cpu"],
+                             "host_steal": result["host_steal"],
                              "resent": result["tcp_resent_segments"],
                              "phases": phase_means(result["records"]),
                              "valid": result["fidelity"]["valid"],

@@ -16,10 +16,11 @@ def spin(seconds: float) -> None:
 
 
 def test_cpu_times_grow():
-    busy, total = cpu_times()
+    busy, total, steal = cpu_times()
     spin(0.2)
-    busy2, total2 = cpu_times()
+    busy2, total2, steal2 = cpu_times()
     assert total2 > total and busy2 > busy
+    assert 0 <= steal <= steal2 <= busy2      # steal is part of busy
 
 
 def test_saturation_is_reported_and_idleness_is_not():
