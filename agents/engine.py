@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import random
+import time
 from collections import deque
 
 from agents.clock import clock
@@ -26,7 +27,7 @@ from agents import protocol
 from agents.control import acall, error_text
 from prometheus_client import Histogram
 
-from agents.gpu import Gpu
+from agents.gpu import Gpu, ready_after
 from agents.metrics import counter, gauge, verifier_metrics
 from agents.kv import Block, Geometry, Verifier, full_block_frame, layer_frame, parse_blocks
 from agents.node import DRAM_BYTES, NODE_PORT
@@ -504,6 +505,7 @@ class EngineAgent(Agent):
             self.batch.clear()
 
     async def _steps(self) -> None:
+        ready = None      # when the last step's all-to-all finished: the next step follows it
         while self.batch:
             jobs = list(self.batch.values())
             profile = jobs[0].profile
@@ -515,19 +517,21 @@ class EngineAgent(Agent):
             # profile's step time is a fit to whole TPOTs, communication included. The step
             # takes the longer of the two, so an all-to-all queued behind KV still
             # lengthens it, while the host's own round trip (about 1.6 ms of wall time, not
-            # dilated) no longer adds to every step.
-            await asyncio.gather(
-                self.decode_compute(profile.decode_step_seconds(sum(j.context for j in jobs))),
-                self.all_to_all(jobs[0].request, 0, round(
-                    profile.all_to_all_bytes(len(jobs)) * profile.layers.value / self.scale)))
+            # dilated) no longer adds to every step. The next step's kernel follows this
+            # step's all-to-all: the host's time to launch it is made up (agents/gpu.py).
+            _, ready = await asyncio.gather(
+                self.decode_compute(profile.decode_step_seconds(sum(j.context for j in jobs)),
+                                    ready),
+                ready_after(self.all_to_all(jobs[0].request, 0, round(
+                    profile.all_to_all_bytes(len(jobs)) * profile.layers.value / self.scale))))
             step = clock.now() - t
             for job in jobs:
                 if job.request in self.batch:     # not abandoned during the step
                     job.token(step, self)
 
-    async def decode_compute(self, seconds: float) -> None:
+    async def decode_compute(self, seconds: float, ready: float | None) -> None:
         started = clock.now()
-        await self.gpu.run(seconds)
+        await self.gpu.run(seconds, ready)
         self.compute_seconds.labels("decode").observe(clock.now() - started)
 
     async def persist(self, job: "DecodeJob", block: Block) -> None:
@@ -771,22 +775,25 @@ class PrefillBatch:
     async def layerwise(self) -> None:
         """Layer L+1's KV loads while layer L computes; layer L's KV leaves while layer L+1
         computes."""
-        loading = asyncio.create_task(self.load_layer(0))
+        loading = asyncio.create_task(ready_after(self.load_layer(0)))
         exchanging = pushing = None
+        ready = 0.0       # when the next layer's compute had all it waits for
         try:
             for layer in range(self.layers):
                 t = clock.now()
-                await loading
+                ready = max(ready, await loading)
                 self.charge("layer_wait", clock.now() - t)
                 if layer + 1 < self.layers:
-                    loading = asyncio.create_task(self.load_layer(layer + 1))
-                await self.compute(layer)
+                    loading = asyncio.create_task(ready_after(self.load_layer(layer + 1)))
+                await self.compute(layer, ready)
+                ready = 0.0
                 if exchanging:
-                    await exchanging
-                exchanging = asyncio.create_task(self.exchange(layer))
+                    ready = await exchanging
+                exchanging = asyncio.create_task(ready_after(self.exchange(layer)))
                 if pushing:
-                    await pushing
-                pushing = asyncio.create_task(self.each(PrefillRun.push_layer, layer))
+                    ready = max(ready, await pushing)
+                pushing = asyncio.create_task(
+                    ready_after(self.each(PrefillRun.push_layer, layer)))
             await exchanging
             await pushing
         finally:
@@ -800,9 +807,10 @@ class PrefillBatch:
         for layer in range(self.layers):
             await self.load_layer(layer)
         self.charge("layer_wait", clock.now() - t)
+        ready = time.monotonic()
         for layer in range(self.layers):
-            await self.compute(layer)
-            await self.exchange(layer)
+            await self.compute(layer, ready)
+            ready = await ready_after(self.exchange(layer))
         for layer in range(self.layers):
             await self.each(PrefillRun.push_layer, layer)
 
@@ -838,12 +846,14 @@ class PrefillBatch:
             # A broken connection: each request still missing its part reads it alone.
             await self.each(PrefillRun.load_layer, layer)
 
-    async def compute(self, layer: int) -> None:
+    async def compute(self, layer: int, ready: float) -> None:
+        """The layer's kernel for the whole batch; `ready`: when all it waits for was done
+        (wall time, agents/gpu.py)."""
         if not self.runs:
             return
         t = clock.now()
         seconds = sum(member.layer_seconds for member in self.runs)
-        await self.engine.gpu.run(seconds)
+        await self.engine.gpu.run(seconds, ready)
         self.engine.counters["compute_seconds"] += seconds
         self.engine.compute_seconds.labels("prefill").observe(clock.now() - t)
         self.charge("compute", clock.now() - t)

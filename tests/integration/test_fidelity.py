@@ -89,7 +89,9 @@ def test_a_link_slowed_behind_the_shapers_back_fails_the_link_pace():
     pace = checks(result)["link pace"]
     assert not pace["passed"] and not result["fidelity"]["valid"], pace
     assert "worst: n0:snic rx at" in pace["figure"]
-    assert 0.4 <= pace["value"] <= 0.6, pace       # half the rate it was meant to have
+    # Half the rate it was meant to have, or more in a window that straddles the cut (part
+    # at the full rate) when the backlog ends before a whole window follows it.
+    assert 0.4 <= pace["value"] <= 0.8, pace
     # The windows before the cut kept pace: the check judges, it does not always fail.
     slow, judged = (int(n) for n in pace["figure"].split(" backlogged")[0].split(" of "))
     assert slow < judged, pace

@@ -200,16 +200,23 @@ def test_a_stall_before_a_reset_does_not_count_after_it():
     assert loop_check({"n0": lag}, []).passed
 
 
+def frozen(obj) -> bool:
+    """Whether the collector leaves `obj` out: frozen objects are in no generation."""
+    return gc.is_tracked(obj) and not any(o is obj for o in gc.get_objects())
+
+
 def test_freezing_the_heap_leaves_earlier_objects_out_and_thaws_them_next_time():
     try:
+        earlier = [[i] for i in range(10)]
         freeze_heap()
-        frozen = gc.get_freeze_count()
-        assert frozen > 0
-        kept = [[i] for i in range(1000)]    # allocated after: still collected as usual
+        assert gc.get_freeze_count() > 0 and frozen(earlier)
+        kept = [[i] for i in range(10)]      # allocated after: still collected as usual
+        assert not frozen(kept)
         freeze_heap()                        # the next workload: thawed, collected, frozen
-        assert gc.get_freeze_count() >= frozen + len(kept)
+        assert frozen(kept) and frozen(earlier)
     finally:
         gc.unfreeze()
+    assert not frozen(kept)
 
 
 def test_a_late_kernel_weighs_the_time_it_took():
