@@ -62,6 +62,10 @@ PREFETCH_DRAM_SHARE = 0.5
 profile_of = functools.lru_cache(maxsize=None)(load_profile)
 
 PERSIST_TOKENS = 64          # decode persists a block every 64 generated tokens (paper §3.3)
+# A request loads and pushes on connections of its own (`EngineAgent.own_connection`); this
+# many per node are kept from finished requests for the next ones, so that a request costs
+# no TCP handshake and teardown at either end.
+SPARE_CONNECTIONS = 8
 
 
 def fetch_waits(leader: str):
@@ -91,6 +95,12 @@ class Connection:
             self.streams[1].close()
         self.streams = None
 
+    def in_step(self) -> bool:
+        """Open, and not closed by its peer (a transport reads while idle, so an exited
+        peer's close has been seen)."""
+        return (self.streams is not None and not self.streams[0].at_eof()
+                and not self.streams[1].is_closing())
+
 
 class EngineAgent(Agent):
     name = "engine"
@@ -99,6 +109,7 @@ class EngineAgent(Agent):
         self.role = self.host.role
         self.verifier = Verifier()
         self.connections: dict[tuple[str, int, str], Connection] = {}
+        self.spare: dict[tuple[str, int, int], list[Connection]] = {}
         self.peers = [h for h in self.plan.of_kind("gpu")
                       if h.role == self.role and h.name != self.host.name]
         self.peers_gone: dict[str, float] = {}    # peer -> until when it sits out
@@ -198,6 +209,25 @@ class EngineAgent(Agent):
         if key not in self.connections:
             self.connections[key] = Connection(self.address(host, intf), port, dscp)
         return self.connections[key]
+
+    def own_connection(self, host: str, intf: str, port: int, dscp: int) -> Connection:
+        """A connection for one request alone: a spare one, else a new one."""
+        address = self.address(host, intf)
+        spare = self.spare.get((address, port, dscp), [])
+        while spare:
+            conn = spare.pop()
+            if conn.in_step():
+                return conn
+            conn.reset()
+        return Connection(address, port, dscp)
+
+    def spare_connection(self, conn: Connection) -> None:
+        """A request's own connection, once it is done with it cleanly: kept for the next."""
+        spare = self.spare.setdefault((conn.address, conn.port, conn.dscp), [])
+        if conn.in_step() and len(spare) < SPARE_CONNECTIONS:
+            spare.append(conn)
+        else:
+            conn.reset()
 
     async def exchange(self, conn: Connection, frames: list[Frame], replies, *types) -> list[Frame]:
         async with conn.lock:
@@ -567,13 +597,12 @@ class PrefillRun:
         if self.path not in ("pe", "de", "split"):
             raise ValueError(f"path: got {self.path!r}, expected 'pe', 'de' or 'split'")
         decode_node = m["decode_node"]
-        self.sources = [ReadSource(engine, node, parse_blocks(blocks), decode_node)
-                        for node, blocks in m["reads"] if blocks]
-        if [b for source in self.sources for b in source.blocks] != self.hit:
+        reads = [(node, parse_blocks(blocks)) for node, blocks in m["reads"] if blocks]
+        if [b for _, blocks in reads for b in blocks] != self.hit:
             raise ValueError("reads: expected the hit blocks, in order, split between nodes")
+        self.sources = [ReadSource(engine, node, blocks, decode_node) for node, blocks in reads]
         self.nodes = {source.node for source in self.sources} | {decode_node}
-        self.push_conn = Connection(engine.address(decode_node, "pcie"), NODE_PORT,
-                                    protocol.DSCP_CS1)
+        self.push_conn = engine.own_connection(decode_node, "pcie", NODE_PORT, protocol.DSCP_CS1)
         # The layer's KV leaves "HBM": the hit KV it received from nodes other than the
         # decode node, and the miss KV it computed (the decode node has its own reads).
         self.sent = [b for source in self.sources if not source.on_decode_node
@@ -586,11 +615,12 @@ class PrefillRun:
         self.started = clock.now()
         self.loading: asyncio.Task | None = None
         self.acks: asyncio.Task | None = None     # the push's ACK, once every layer is in
+        self.closed = False
         self.done = asyncio.get_running_loop().create_future()
         engine.unfinished[self.request] = context + append
 
     def finish(self) -> None:
-        self._close()
+        self._close(clean=True)
         if self.done.done():
             return
         self.done.set_result({"seconds": clock.now() - self.started,
@@ -601,11 +631,16 @@ class PrefillRun:
         """Neither node may keep KV for a request that will not complete."""
         await asyncio.gather(*(self.engine.drop(n, self.request) for n in self.nodes),
                              return_exceptions=True)
-        self._close()
+        self._close(clean=False)
         if not self.done.done():
             self.done.set_exception(error)
 
-    def _close(self) -> None:
+    def _close(self, clean: bool) -> None:
+        """Ends its tasks, and gives its connections back (`clean`: every exchange on them
+        answered) or closes them (a failure may have left them out of step)."""
+        if self.closed:      # a connection given back may already serve another request
+            return
+        self.closed = True
         self.engine.unfinished.pop(self.request, None)
         for task in (self.loading, self.acks):
             if task is None:
@@ -614,9 +649,11 @@ class PrefillRun:
                 task.cancel()
             elif not task.cancelled():
                 task.exception()      # seen: the request's failure is reported as its error
-        for source in self.sources:
-            source.load_conn.reset()
-        self.push_conn.reset()
+        for conn in [source.load_conn for source in self.sources] + [self.push_conn]:
+            if clean:
+                self.engine.spare_connection(conn)
+            else:
+                conn.reset()
 
     def load_bytes(self) -> dict[str, int]:
         """The bytes its load puts in each read node's DRAM."""
@@ -728,7 +765,7 @@ class ReadSource:
         self.reads = engine.connection(node, "pcie", NODE_PORT, protocol.DSCP_CS1, "read")
         # A LOAD may wait for DRAM: each request gets a connection of its own for it, so no
         # request waits behind another's.
-        self.load_conn = Connection(engine.address(node, "pcie"), NODE_PORT, protocol.DSCP_CS1)
+        self.load_conn = engine.own_connection(node, "pcie", NODE_PORT, protocol.DSCP_CS1)
 
 
 class PrefillBatch:

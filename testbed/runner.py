@@ -23,7 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agents.clock import clock
-from agents.control import acall, error_text
+from agents.control import acall, closing_idle, error_text
 from agents.fidelity import LatenessPairs, Quantiles, Timeliness, freeze_heap
 from agents.kv import Block, Geometry
 from agents.node import DE_BUFFER_SHARE, DRAM_BYTES
@@ -449,8 +449,9 @@ def run_policy(scenario: Scenario, topology_path: str, policy: str, aps: float |
         before, resent_before = counters.snapshot(record), resent_segments(record)
         client = ClientView(cluster.exporter.client, policy, topology.scale)
         with FidelityWatch(record, cluster.injector.intended_rate) as watch:
-            result = asyncio.run(run_workload(fabric.plan, scenario, policy, workload,
-                                              client, cluster, watch, horizon))
+            result = asyncio.run(closing_idle(run_workload(fabric.plan, scenario, policy,
+                                                           workload, client, cluster, watch,
+                                                           horizon)))
         moved = counters.delta(before, counters.snapshot(record))
         resent = resent_segments(record) - resent_before
     verdict = watch.verdict(result.pop("kernel_lateness"), result.pop("loop_lags"),
