@@ -31,7 +31,11 @@ def raise_stop(signum, _frame):
 
 def run_interruptible(what: str, run: Callable[[], int | None]) -> int:
     """`run()`, whose clusters tear themselves down on the way out: Ctrl-C or SIGTERM stops
-    it, says so and gives 130; else its own exit code (None: 0)."""
+    it, says so and gives 130; else its own exit code (None: 0). Ctrl-C is raised where the
+    process is too: left to Python's default, `asyncio.run` would take it as a request to
+    cancel its main task, which a run that waits on its agents with `return_exceptions`
+    absorbs, and the run, or a bench's next one, would go on."""
+    signal.signal(signal.SIGINT, raise_stop)
     signal.signal(signal.SIGTERM, raise_stop)
     try:
         return run() or 0
