@@ -27,7 +27,7 @@ from agents import protocol
 from agents.control import acall, error_text
 from prometheus_client import Histogram
 
-from agents.gpu import Gpu, ready_after
+from agents.gpu import Gpu, ready_after, run_before_other_agents
 from agents.metrics import counter, gauge, verifier_metrics
 from agents.kv import Block, Geometry, Verifier, full_block_frame, layer_frame, parse_blocks
 from agents.node import DRAM_BYTES, NODE_PORT
@@ -106,6 +106,7 @@ class EngineAgent(Agent):
     name = "engine"
 
     async def start(self) -> None:
+        run_before_other_agents(self.log)
         self.role = self.host.role
         self.verifier = Verifier()
         self.connections: dict[tuple[str, int, str], Connection] = {}

@@ -3,6 +3,8 @@ bytes verified end to end and the NIC counters showing which path carried them."
 
 from __future__ import annotations
 
+import os
+
 import pytest
 
 from agents.storage import DATA_ROOT
@@ -175,3 +177,28 @@ def test_concurrent_requests_on_one_prefill_engine(cluster):
     for node in ("n0", "n1"):
         stats = call(plan.host(node).address("mgmt"), "stats")
         assert stats["buffer_used"] == 0 and stats["requests_in_dram"] == 0, stats
+
+
+def agent_pid(host: str) -> int:
+    """The pid of the agent serving `host` (its command line names it)."""
+    for entry in os.listdir("/proc"):
+        try:
+            args = open(f"/proc/{entry}/cmdline").read().split("\0")
+        except OSError:
+            continue
+        if len(args) > 2 and args[1] == "-m" and args[2].startswith("agents.") \
+                and args[args.index("--host") + 1] == host:
+            return int(entry)
+    raise AssertionError(f"no agent running for {host}")
+
+
+def test_engines_run_before_the_other_agents(cluster):
+    """The emulated GPUs' timers must not wait for the host's other agents (agents/gpu.py):
+    every engine is real-time, inside its container too; nodes, storage and the scheduler
+    are not."""
+    for host in cluster.plan.hosts:
+        if host.kind not in ("gpu", "node", "storage", "scheduler"):
+            continue
+        policy = os.sched_getscheduler(agent_pid(host.name))
+        expected = os.SCHED_RR if host.kind == "gpu" else os.SCHED_OTHER
+        assert policy == expected, f"{host.name}: scheduling policy {policy}, expected {expected}"
