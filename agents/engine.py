@@ -234,8 +234,7 @@ class EngineAgent(Agent):
         async with conn.lock:
             reader, writer = await conn.get()
             try:
-                for frame in frames:
-                    await protocol.write_frame(writer, frame)
+                await protocol.write_frames(writer, frames)
                 return [await protocol.expect(reader, *types) for _ in range(replies)]
             except BaseException:
                 conn.reset()   # replies may be left unread: the stream is out of step
@@ -248,8 +247,7 @@ class EngineAgent(Agent):
         async with conn.lock:
             reader, writer = await conn.get()
             try:
-                for frame in frames:
-                    await protocol.write_frame(writer, frame)
+                await protocol.write_frames(writer, frames)
                 replies = []
                 for _ in frames:
                     try:
@@ -748,8 +746,7 @@ class PrefillRun:
             self.acks = asyncio.create_task(protocol.expect(reader, MessageType.ACK))
         elif self.acks.done():
             self.acks.result()          # the node refused an earlier layer: stop here
-        for frame in frames:
-            await protocol.write_frame(writer, frame)
+        await protocol.write_frames(writer, frames)
         if layer == self.geometry.layers - 1:
             await self.acks
         self.engine.counters["kv_bytes_pushed"] += len(data.payload)

@@ -190,12 +190,21 @@ async def read_frame(reader: asyncio.StreamReader) -> Frame | None:
     return Frame(type_, request, layer, block, count, payload)
 
 
+async def write_frames(writer: asyncio.StreamWriter, frames: list[Frame]) -> int:
+    """Send frames back to back in one send: no header-only packet, and one system call
+    for a batch's reads to one node, which each cost a send through the emulated fabric's
+    whole path. Returns the bytes put on the wire (headers included)."""
+    parts = []
+    for frame in frames:
+        parts += (frame.encode_header(), frame.payload)
+    writer.writelines(parts)
+    await writer.drain()
+    return sum(map(len, parts))
+
+
 async def write_frame(writer: asyncio.StreamWriter, frame: Frame) -> int:
     """Send one frame; returns the bytes put on the wire (header included)."""
-    header = frame.encode_header()
-    writer.writelines([header, frame.payload])   # one send: no header-only packet
-    await writer.drain()
-    return len(header) + len(frame.payload)
+    return await write_frames(writer, [frame])
 
 
 async def expect(reader: asyncio.StreamReader, *types: MessageType) -> Frame:
