@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import random
 import time
 from collections import deque
@@ -60,6 +61,10 @@ PREFETCH_DRAM_SHARE = 0.5
 # burst of a hundred requests would spend with the event loop blocked: read each one once
 # (profiles are frozen).
 profile_of = functools.lru_cache(maxsize=None)(load_profile)
+
+# A layer read's body, with and without releasing the blocks: encoded once, not per read.
+LAYER_READ_BODIES = {release: json.dumps({"release": release}).encode()
+                     for release in (False, True)}
 
 PERSIST_TOKENS = 64          # decode persists a block every 64 generated tokens (paper §3.3)
 # A request loads and pushes on connections of its own (`EngineAgent.own_connection`); this
@@ -335,7 +340,10 @@ class EngineAgent(Agent):
             self.counters["all_to_all_bytes_sent"] += share
             self.counters["all_to_all_bytes_received"] += len(back.payload)
 
-        await asyncio.gather(*(one(p) for p in peers))
+        if len(peers) == 1:
+            await one(peers[0])
+        else:
+            await asyncio.gather(*(one(p) for p in peers))
         seconds = clock.now() - started
         self.all_to_all_seconds.observe(seconds)
         return seconds
@@ -693,11 +701,9 @@ class PrefillRun:
 
     def layer_read(self, source: "ReadSource", layer: int) -> Frame:
         # The decode node keeps its copy: it is part of the prompt the decode fetches.
-        last = layer == self.geometry.layers - 1
-        frame = protocol.control(MessageType.LAYER_READ,
-                                 {"release": last and not source.on_decode_node}, self.request)
-        frame.layer = layer
-        return frame
+        release = layer == self.geometry.layers - 1 and not source.on_decode_node
+        return Frame(MessageType.LAYER_READ, request=self.request, layer=layer,
+                     payload=LAYER_READ_BODIES[release])
 
     def take_layer(self, source: "ReadSource", layer: int, payload: bytes) -> None:
         """A layer of `source`'s blocks arrived in "HBM": verify it, keep what goes on."""
@@ -795,6 +801,16 @@ class PrefillBatch:
     async def each(self, step, *args) -> None:
         """`step` for every request still in the batch, together; failures leave it."""
         runs = list(self.runs)
+        if len(runs) == 1:     # the common batch of one: no task and gather per layer
+            try:
+                await step(runs[0], *args)
+            except asyncio.CancelledError as exc:
+                if asyncio.current_task().cancelling():
+                    raise        # the batch itself is stopping, not the member's step
+                await self.leave(runs[0], exc)     # e.g. its load, cancelled as it left
+            except Exception as exc:
+                await self.leave(runs[0], exc)
+            return
         results = await asyncio.gather(*(step(member, *args) for member in runs),
                                        return_exceptions=True)
         for member, result in zip(runs, results):
