@@ -232,7 +232,7 @@ def print_rejudged(path: Path) -> None:
                              (0.0025, 0.004, 0.005, 0.0075, 0.01, 0.015, 0.02, 0.025, 0.03,
                               0.05, 0.075, 0.09, 0.1, 0.15, 0.2, 0.3, 0.5),
                              (0.001, 0.002, 0.003, 0.005, 0.01, 0.02, 0.05), (0.95, 0.8),
-                             (0.15, 0.2, 0.3, 0.5, float("inf")))
+                             (0.15, 0.2, 0.25, 0.3, 0.35, 0.4, 0.5, float("inf")))
     judged = [(*t, rejudge(rows, *t)) for t in grid]
     # Those that agree, else the closest: fewest runs judged against convergence.
     shown = [t for t in judged if t[-1]["agrees"]] or sorted(
