@@ -801,16 +801,6 @@ class PrefillBatch:
     async def each(self, step, *args) -> None:
         """`step` for every request still in the batch, together; failures leave it."""
         runs = list(self.runs)
-        if len(runs) == 1:     # the common batch of one: no task and gather per layer
-            try:
-                await step(runs[0], *args)
-            except asyncio.CancelledError as exc:
-                if asyncio.current_task().cancelling():
-                    raise        # the batch itself is stopping, not the member's step
-                await self.leave(runs[0], exc)     # e.g. its load, cancelled as it left
-            except Exception as exc:
-                await self.leave(runs[0], exc)
-            return
         results = await asyncio.gather(*(step(member, *args) for member in runs),
                                        return_exceptions=True)
         for member, result in zip(runs, results):
