@@ -42,10 +42,10 @@ MAX_MADE_UP_SECONDS = 0.1
 TIMER_GRANULARITY = 0.002
 # A kernel ends on a timer in the engine's event loop. On a shared host, an engine woken by
 # its timer waited for whichever agent held the CPU, and each of its sends woke a peer that
-# took the CPU from it: on 1P2D at TDF 2 that put DualPath's kernel lateness p99 at 2-18%
-# over eight runs, with the host 60% idle. A GPU does not wait for the host's other
-# processes, so the engine runs at a real-time priority above every other agent: 0.0% in
-# six runs. The kernel's RT throttling still leaves the rest of the host 5% of each second,
+# took the CPU from it: on 1P2D at TDF 2 that put DualPath's kernel lateness p99 at 2-12%
+# over ten runs, with the host 60% idle. A GPU does not wait for the host's other
+# processes, so the engine runs at a real-time priority above every other agent: 0.0-0.5%
+# in twelve runs. The kernel's RT throttling still leaves the rest of the host 5% of each second,
 # and the verdict still judges the engine's own CPU and the other agents' loops.
 ENGINE_RT_PRIORITY = 1
 
