@@ -183,7 +183,9 @@ class Fabric:
         if not self.claimed:
             return None
         started = time.monotonic()
-        for node in self.nodes.values():
+        # Bridges have helper shells too: terminate() reaps each shell, where leaving it to
+        # remove_leftovers would kill it unreaped (three zombies per fabric in a long bench).
+        for node in [*self.nodes.values(), *(self.net.switches if self.net else [])]:
             node.terminate()
         self.nodes.clear()
         remove_containers(self.containers)

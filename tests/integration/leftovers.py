@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import subprocess
+from pathlib import Path
 
 from agents.storage import DATA_ROOT
 from testbed.hosts import HOST_MARKER
@@ -28,12 +29,30 @@ def find_leftovers() -> dict[str, list[str]]:
                                 capture_output=True, text=True).stdout.split()
         if marked:
             found[kind] = marked
+    if unreaped := unreaped_children():
+        found["unreaped children"] = unreaped
     if DATA_ROOT.exists():
         found["storage files"] = [str(DATA_ROOT)]
     for name, path in (("state file", STATE_FILE), ("fault socket", STATE_DIR / "faults.sock"),
                        ("scrape targets", STATE_DIR / "prometheus" / "targets.json")):
         if path.exists():
             found[name] = [str(path)]
+    return found
+
+
+def unreaped_children() -> list[str]:
+    """This process's children that exited and were never waited for (zombies): a marked
+    process killed unreaped loses its marker with its environment, so it is looked up here."""
+    import os
+    found = []
+    for pid in _pids():
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+        except OSError:                  # gone meanwhile
+            continue
+        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        if state == "Z" and int(ppid) == os.getpid():
+            found.append(f"{pid} {stat.split('(', 1)[1].rsplit(')', 1)[0]}")
     return found
 
 

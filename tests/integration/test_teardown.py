@@ -12,8 +12,9 @@ from pathlib import Path
 import pytest
 
 from testbed.state import FabricRecord
-from tests.integration.conftest import REPO, TOPOLOGIES
-from tests.integration.leftovers import find_leftovers
+from testbed.agentset import RunningCluster
+from tests.integration.conftest import REPO, TOPOLOGIES, topology
+from tests.integration.leftovers import find_leftovers, unreaped_children
 
 UP_TIMEOUT = 180
 
@@ -200,3 +201,11 @@ def test_signal_during_a_bench_tears_its_cluster_down(tmp_path, sig):
 def test_sigkill_of_a_scenario_run_then_clean_removes_leftovers(tmp_path):
     proc, _ = start_scenario(tmp_path, "fault at")
     kill_then_clean(proc, "links", "processes", "prometheus servers", "fault socket")
+
+
+def test_a_fabric_brought_down_leaves_no_unreaped_process():
+    """Every helper shell, the bridges' included, is waited for: a long bench brings up
+    dozens of fabrics in one process."""
+    with RunningCluster(topology("1p1d"), agents=False):
+        pass
+    assert unreaped_children() == []
