@@ -45,8 +45,8 @@ TIMER_GRANULARITY = 0.002
 # took the CPU from it: on 1P2D at TDF 2 that put DualPath's kernel lateness p99 at 2-12%
 # over ten runs, with the host 60% idle. A GPU does not wait for the host's other
 # processes, so the engine runs at a real-time priority above every other agent: 0.0-0.5%
-# in twelve runs. The kernel's RT throttling still leaves the rest of the host 5% of each second,
-# and the verdict still judges the engine's own CPU and the other agents' loops.
+# in twelve runs. The kernel's RT throttling still leaves the rest of the host 5% of each
+# second, and the verdict still judges the engine's own CPU and the other agents' loops.
 ENGINE_RT_PRIORITY = 1
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -43,19 +44,18 @@ def find_leftovers() -> dict[str, list[str]]:
 def unreaped_children() -> list[str]:
     """This process's children that exited and were never waited for (zombies): a marked
     process killed unreaped loses its marker with its environment, so it is looked up here."""
-    import os
     found = []
     for pid in _pids():
         try:
             stat = Path(f"/proc/{pid}/stat").read_text()
         except OSError:                  # gone meanwhile
             continue
-        state, ppid = stat.rsplit(")", 1)[1].split()[:2]
+        named, rest = stat.rsplit(")", 1)         # "pid (comm" and " state ppid ..."
+        state, ppid = rest.split()[:2]
         if state == "Z" and int(ppid) == os.getpid():
-            found.append(f"{pid} {stat.split('(', 1)[1].rsplit(')', 1)[0]}")
+            found.append(f"{pid} {named.split('(', 1)[1]}")
     return found
 
 
 def _pids() -> list[str]:
-    import os
     return [p for p in os.listdir("/proc") if p.isdigit() and int(p) != os.getpid()]

@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from testbed.state import FabricRecord
 from testbed.agentset import RunningCluster
+from testbed.state import FabricRecord
 from tests.integration.conftest import REPO, TOPOLOGIES, topology
 from tests.integration.leftovers import find_leftovers, unreaped_children
 
